@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmarks: imgbridge against the tools it replaces, in one run, as ratios.
+
+Usage: python benchmarks/run.py [--repeat N] [--only NAME] [--workdir DIR]
+
+Each case runs our command and the peer's on the same input, takes the median wall time of N
+runs and the peak RSS of the process, and prints ``ratio = ours / theirs`` (below 1: we are
+faster). Inputs are built at run time with independent tools (mke2fs, qemu-img). Nothing here
+is a test: figures go in the issue notes, never into assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+@dataclass
+class Case:
+    name: str
+    ours: list[str]
+    theirs: list[str]
+    peer: str
+    cleanup: list[Path]
+
+
+GNU_TIME = "/usr/bin/time"
+
+
+def run_once(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes, 0 if unknown) of one run of ``cmd``.
+
+    The peak RSS comes from GNU time, not from our own wait4: a child forked from this Python
+    process inherits its high-water mark, which would hide a small peer's true peak.
+    """
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        wrapped = cmd
+        if os.path.exists(GNU_TIME):
+            wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *cmd]
+        start = time.perf_counter()
+        proc = subprocess.run(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"{proc.stderr.decode(errors='replace')}")
+        text = rss_file.read().strip().splitlines()
+        kib = int(text[-1]) if text and text[-1].isdigit() else 0
+    return elapsed, kib * 1024
+
+
+def measure(cmd: list[str], repeat: int, cleanup: list[Path]) -> tuple[float, int]:
+    times, peak = [], 0
+    for _ in range(repeat):
+        for path in cleanup:
+            path.unlink(missing_ok=True)
+        elapsed, rss = run_once(cmd)
+        times.append(elapsed)
+        peak = max(peak, rss)
+    return statistics.median(times), peak
+
+
+def build_filesystem_disk(work: Path, data_mib: int = 200, disk: str = "1G") -> Path:
+    """A raw disk holding a real ext4 filesystem with about ``data_mib`` MiB of files.
+
+    The files are the Python standard library's (a real mix of sizes), copied in sorted order
+    until the budget is reached, then put into the filesystem by ``mke2fs -d``.
+    """
+    image = work / f"fs-{data_mib}M.raw"
+    if image.exists():
+        return image
+    tree = work / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir()
+    budget = data_mib * MiB
+    stdlib = Path(os.__file__).parent
+    for path in sorted(stdlib.rglob("*")):
+        if budget <= 0:
+            break
+        if path.is_file() and not path.is_symlink():
+            target = tree / path.relative_to(stdlib)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            budget -= path.stat().st_size
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image), disk],
+                   check=True)
+    shutil.rmtree(tree)
+    return image
+
+
+def imgbridge_cmd(*args: str) -> list[str]:
+    exe = shutil.which("imgbridge")
+    return [exe, *args] if exe else [sys.executable, "-m", "imgbridge", *args]
+
+
+def cases(work: Path) -> list[tuple[str, Callable[[], Case]]]:
+    def startup() -> Case:
+        return Case("startup (--version)", imgbridge_cmd("--version"),
+                    ["qemu-img", "--version"], "qemu-img", [])
+
+    def raw_to_raw() -> Case:
+        # qemu-img convert's default cache mode (unsafe) never flushes: compare with --no-sync.
+        src = build_filesystem_disk(work)
+        out = work / "out.raw"
+        return Case("raw -> raw, 1 GiB ext4 / 200 MiB, no flush",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "raw", "-O", "raw",
+                                  str(src), str(out)),
+                    ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(out)],
+                    "qemu-img", [out])
+
+    def raw_to_raw_synced() -> Case:
+        # Our default flushes before the rename; qemu-img does that with -t writeback.
+        src = build_filesystem_disk(work)
+        out = work / "out.raw"
+        return Case("raw -> raw, 1 GiB ext4 / 200 MiB, flushed",
+                    imgbridge_cmd("convert", "-q", "-f", "raw", "-O", "raw", str(src), str(out)),
+                    ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "raw",
+                     str(src), str(out)],
+                    "qemu-img", [out])
+
+    def compare_raw() -> Case:
+        src = build_filesystem_disk(work)
+        copy = work / "copy.raw"
+        if not copy.exists():
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(copy)],
+                           check=True)
+        return Case("compare raw, 1 GiB ext4 with 200 MiB",
+                    imgbridge_cmd("compare", "-q", "-f", "raw", "-F", "raw", str(src), str(copy)),
+                    ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(copy)],
+                    "qemu-img", [])
+
+    return [("startup", startup), ("raw-to-raw", raw_to_raw),
+            ("raw-to-raw-synced", raw_to_raw_synced), ("compare-raw", compare_raw)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", action="append", help="run only the named case(s)")
+    parser.add_argument("--workdir", type=Path, help="keep inputs here between runs")
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="imgbridge-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"{'case':<42}{'ours s':>9}{'peer s':>9}{'ratio':>8}{'ours MiB':>10}"
+          f"{'peer MiB':>10}  peer")
+    for name, make in cases(work):
+        if args.only and name not in args.only:
+            continue
+        case = make()
+        ours_t, ours_rss = measure(case.ours, args.repeat, case.cleanup)
+        theirs_t, theirs_rss = measure(case.theirs, args.repeat, case.cleanup)
+        print(f"{case.name:<42}{ours_t:>9.3f}{theirs_t:>9.3f}{ours_t / theirs_t:>8.2f}"
+              f"{ours_rss / MiB:>10.1f}{theirs_rss / MiB:>10.1f}  {case.peer}", flush=True)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

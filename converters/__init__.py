@@ -1,0 +1,1 @@
+"""Conversions between the two worlds; ``planner`` picks the path for a pair of kinds."""

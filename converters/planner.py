@@ -1,0 +1,36 @@
+"""Picks the conversion path between two kinds of object and explains it (``convert --plan``).
+
+There is no N x N matrix of format pairs: a plan is a short list of steps between the model's
+kinds (disk, container image, file tree), and each step is one generic converter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imgbridge.errors import UnsupportedFeatureError
+from imgbridge.registry import FormatSpec, Kind
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: FormatSpec
+    target: FormatSpec
+    steps: tuple[str, ...]
+
+    def describe(self) -> str:
+        return "\n".join(f"{i}. {step}" for i, step in enumerate(self.steps, 1))
+
+
+def plan(source: FormatSpec, target: FormatSpec) -> Plan:
+    """The steps from a ``source`` object to a ``target`` file, or UnsupportedFeatureError."""
+    if source.kind is Kind.DISK and target.kind is Kind.DISK:
+        return Plan(source, target, (
+            f"read {source.name}: allocation map first, zero extents never read",
+            "disk_to_disk: copy the guest-visible bytes, skipping 4 KiB blocks of zeros",
+            f"write {target.name} to a temporary file beside the target, then rename",
+        ))
+    raise UnsupportedFeatureError(
+        f"converting {source.kind.value} ({source.name}) to {target.kind.value} "
+        f"({target.name}) is not implemented yet"
+    )

@@ -1,0 +1,1 @@
+"""Format implementations, one module (or package) per format; see ``imgbridge.registry``."""

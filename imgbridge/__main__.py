@@ -1,0 +1,3 @@
+from imgbridge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,357 @@
+"""The library's entry points; the CLI is a thin layer over exactly these functions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidInputError
+from .model.disk import MAX_IO, CheckReport, Disk, Extent, ExtentKind
+from .output import AtomicOutput
+from .progress import ProgressFn, no_progress
+from .registry import FormatSpec, Kind, default_registry
+from .resolver import CompanionResolver
+from .source import FileSource
+
+__all__ = [
+    "CompareResult",
+    "allocation_map",
+    "check",
+    "compare",
+    "convert",
+    "list_formats",
+    "inspect",
+    "open",
+    "parse_options",
+]
+
+
+def list_formats() -> list[FormatSpec]:
+    """Every known format (built-in and plug-in), in registry order."""
+    return default_registry().all()
+
+
+def open(
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    *,
+    options: Mapping[str, str] | None = None,
+    allow_outside: bool = False,
+) -> Any:
+    """Open an image of any kind; for disks this returns a :class:`~imgbridge.model.disk.Disk`.
+
+    ``format`` names the format (or an alias) and skips detection. Without it the file is
+    probed; a file no magic recognises opens as raw with ``format_guessed`` set.
+    ``allow_outside`` lets companion files (backing files, extents) lie outside the image's
+    folder. Close the result (or use it in a ``with`` block).
+    """
+    return _open_at(os.fspath(path), format, options or {}, allow_outside=allow_outside, chain=())
+
+
+def _open_at(
+    path: str, format: str | None, options: Mapping[str, str], *,
+    allow_outside: bool, chain: tuple[str, ...],
+) -> Any:
+    registry = default_registry()
+    if format:
+        spec, guessed = registry.get(format), False
+        if not os.path.exists(path):
+            raise InvalidInputError(f"{path}: no such file")
+    else:
+        detection = registry.detect(path)
+        spec, guessed = detection.spec, detection.guessed
+    resolver = CompanionResolver(path, allow_outside=allow_outside, chain=chain)
+    source = None if os.path.isdir(path) else FileSource(path)
+    try:
+        obj = spec.open(source, resolver, options)
+    except BaseException:
+        if source is not None:
+            source.close()
+        raise
+    if isinstance(obj, Disk):
+        obj.format_guessed = guessed
+    return obj
+
+
+def _open_disk_at(
+    path: str, format: str | None, options: Mapping[str, str], *,
+    allow_outside: bool, chain: tuple[str, ...], guessed_ok: bool,
+) -> Disk:
+    obj = _open_at(path, format, options, allow_outside=allow_outside, chain=chain)
+    if not isinstance(obj, Disk):
+        _close(obj)
+        raise InvalidInputError(f"{path}: not a disk image")
+    if obj.format_guessed and not guessed_ok:
+        obj.close()
+        raise InvalidInputError(
+            f"{path}: no format recognises this file; it would be read as raw",
+            hint="pass -f raw (library: format='raw') if it really is a raw disk",
+        )
+    return obj
+
+
+def open_disk(
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    *,
+    options: Mapping[str, str] | None = None,
+    allow_outside: bool = False,
+    allow_guessed_raw: bool = True,
+) -> Disk:
+    """Like :func:`open`, but the result must be a disk image."""
+    return _open_disk_at(
+        os.fspath(path), format, options or {}, allow_outside=allow_outside, chain=(),
+        guessed_ok=allow_guessed_raw,
+    )
+
+
+def _close(obj: Any) -> None:
+    close = getattr(obj, "close", None)
+    if callable(close):
+        close()
+
+
+def inspect(
+    path: str | os.PathLike[str], format: str | None = None, *, allow_outside: bool = False
+) -> dict[str, Any]:
+    """Describe an image. For disks the keys are those of ``qemu-img info --output=json``."""
+    obj = open(path, format, allow_outside=allow_outside)
+    try:
+        if isinstance(obj, Disk):
+            return obj.info()
+        info = getattr(obj, "info", None)
+        if callable(info):
+            result: dict[str, Any] = info()
+            return result
+        raise InvalidInputError(f"{os.fspath(path)}: nothing to inspect")
+    finally:
+        _close(obj)
+
+
+def parse_options(items: list[str] | tuple[str, ...] | str | None) -> dict[str, str]:
+    """Parse qemu-img style ``-o key=value,key=value`` (several ``-o`` merge, last wins)."""
+    if items is None:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    options: dict[str, str] = {}
+    for item in items:
+        for pair in item.split(","):
+            if not pair.strip():
+                continue
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise InvalidInputError(f"option {pair!r} is not of the form key=value")
+            options[key.strip()] = value.strip()
+    return options
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    output_format: str | None = None,
+    options: Mapping[str, str] | None = None,
+    progress: ProgressFn | None = None,
+    allow_outside: bool = False,
+    sync: bool = True,
+) -> None:
+    """Convert ``src`` into ``dst``, written atomically (a temporary file, renamed at the end).
+
+    ``format`` names the source format; without it the source is probed and a file that only
+    raw would accept is refused (pass ``format="raw"``). ``output_format`` defaults to the one
+    ``dst``'s extension belongs to. ``options`` are the writer's ``-o`` options.
+    ``progress(done, total)`` is called as the work advances. ``sync=False`` skips the
+    final fsync (faster; qemu-img convert never flushes), at the cost of durability if the
+    machine crashes right after.
+    """
+    src_path, dst_path = os.fspath(src), os.fspath(dst)
+    registry = default_registry()
+    target = registry.for_output(output_format, dst_path)
+    if os.path.exists(dst_path) and os.path.exists(src_path) \
+            and os.path.samefile(src_path, dst_path):
+        raise InvalidInputError(f"{dst_path}: the output would overwrite the input")
+    source = _open_at(src_path, format, {}, allow_outside=allow_outside, chain=())
+    try:
+        if getattr(source, "format_guessed", False):
+            raise InvalidInputError(
+                f"{src_path}: no format recognises this file; it would be read as raw",
+                hint="pass -f raw (library: format='raw') if it really is a raw disk",
+            )
+        if isinstance(source, Disk):
+            if target.kind is not Kind.DISK:
+                from imgbridge.converters.planner import plan
+
+                plan(registry.get(source.format_name), target)  # raises for unsupported pairs
+            from imgbridge.converters.disk_to_disk import convert_disk
+
+            with AtomicOutput(dst_path, sync=sync) as out:
+                convert_disk(source, target, out, options or {}, progress or no_progress)
+                out.commit()
+        else:
+            raise InvalidInputError(f"{src_path}: converting this kind of image is not supported")
+    finally:
+        _close(source)
+
+
+def plan(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+    format: str | None = None, output_format: str | None = None,
+) -> str:
+    """Describe, without doing it, how ``convert`` would turn ``src`` into ``dst``."""
+    from imgbridge.converters.planner import plan as make_plan
+
+    registry = default_registry()
+    target = registry.for_output(output_format, os.fspath(dst))
+    source = registry.get(format) if format else registry.detect(os.fspath(src)).spec
+    return make_plan(source, target).describe()
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """``first_difference`` is the guest offset of the first differing byte, or None."""
+
+    identical: bool
+    first_difference: int | None
+    size_a: int
+    size_b: int
+
+    @property
+    def size_mismatch(self) -> bool:
+        return self.size_a != self.size_b
+
+
+def compare(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    *,
+    format_a: str | None = None,
+    format_b: str | None = None,
+    progress: ProgressFn | None = None,
+    allow_outside: bool = False,
+) -> CompareResult:
+    """Compare the guest-visible content of two disks, in any formats.
+
+    As with ``qemu-img compare``, disks of different sizes are equal when the larger one reads
+    as zero beyond the smaller one's end. Ranges both disks report as zero are never read.
+    """
+    with open_disk(a, format_a, allow_outside=allow_outside) as disk_a, \
+            open_disk(b, format_b, allow_outside=allow_outside) as disk_b:
+        diff = first_difference(disk_a, disk_b, progress or no_progress)
+        return CompareResult(diff is None, diff, disk_a.size, disk_b.size)
+
+
+def first_difference(a: Disk, b: Disk, progress: ProgressFn = no_progress) -> int | None:
+    """The offset of the first byte at which two disks differ, or None when they are equal."""
+    total = max(a.size, b.size)
+    common = min(a.size, b.size)
+    for offset, length, a_zero, b_zero in _zip_extents(a, b, common):
+        if not (a_zero and b_zero):
+            diff = _first_diff_in(a, b, offset, length, a_zero, b_zero)
+            if diff is not None:
+                return diff
+        progress(offset + length, total)
+    longer = a if a.size > b.size else b
+    for ext in longer.extents(common):
+        if ext.kind is ExtentKind.DATA:
+            diff = _first_nonzero(longer, ext.offset, ext.length)
+            if diff is not None:
+                return diff
+        progress(ext.end, total)
+    return None
+
+
+def _zip_extents(a: Disk, b: Disk, end: int) -> Any:
+    """Walk two allocation maps together: ``(offset, length, a_is_zero, b_is_zero)``."""
+    ia, ib = a.extents(0, end), b.extents(0, end)
+    ea, eb = next(ia, None), next(ib, None)
+    pos = 0
+    while ea is not None and eb is not None and pos < end:
+        stop = min(ea.end, eb.end)
+        yield pos, stop - pos, ea.kind is ExtentKind.ZERO, eb.kind is ExtentKind.ZERO
+        pos = stop
+        if ea.end <= pos:
+            ea = next(ia, None)
+        if eb.end <= pos:
+            eb = next(ib, None)
+
+
+def _first_diff_in(
+    a: Disk, b: Disk, offset: int, length: int, a_zero: bool, b_zero: bool
+) -> int | None:
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(MAX_IO, end - pos)
+        da = bytes(n) if a_zero else a.read_at(pos, n)
+        db = bytes(n) if b_zero else b.read_at(pos, n)
+        if da != db:
+            return pos + _mismatch_index(da, db)
+        pos += n
+    return None
+
+
+def _first_nonzero(disk: Disk, offset: int, length: int) -> int | None:
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(MAX_IO, end - pos)
+        data = disk.read_at(pos, n)
+        stripped = data.lstrip(b"\0")
+        if stripped:
+            return pos + n - len(stripped)
+        pos += n
+    return None
+
+
+def _mismatch_index(x: bytes, y: bytes) -> int:
+    """Index of the first differing byte: bisect with slice comparisons (memcmp speed)."""
+    lo, hi = 0, min(len(x), len(y))
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        if x[lo:mid] != y[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    for i in range(lo, hi):
+        if x[i] != y[i]:
+            return i
+    return hi
+
+
+def check(
+    path: str | os.PathLike[str], format: str | None = None, *, repair: str | None = None,
+    allow_outside: bool = False,
+) -> CheckReport:
+    """Check an image's metadata; ``repair`` ("leaks" or "all") mends it in place, like qemu-img.
+
+    Without ``repair`` the image is opened read-only and never modified.
+    """
+    if repair not in (None, "leaks", "all"):
+        raise InvalidInputError(f"repair must be 'leaks' or 'all', not {repair!r}")
+    with open_disk(path, format, allow_outside=allow_outside) as disk:
+        return disk.check(repair)
+
+
+def allocation_map(
+    path: str | os.PathLike[str], format: str | None = None, *, allow_outside: bool = False
+) -> list[Extent]:
+    """The merged allocation map of a disk, the same runs ``qemu-img map`` prints."""
+    with open_disk(path, format, allow_outside=allow_outside) as disk:
+        return list(disk.extents())
+
+
+def extent_to_json(ext: Extent) -> dict[str, Any]:
+    """One ``qemu-img map --output=json`` item."""
+    item: dict[str, Any] = {
+        "start": ext.offset,
+        "length": ext.length,
+        "depth": ext.depth,
+        "present": ext.present,
+        "zero": ext.kind is ExtentKind.ZERO,
+        "data": ext.kind is ExtentKind.DATA,
+    }
+    if ext.host_offset is not None:
+        item["offset"] = ext.host_offset
+    return item

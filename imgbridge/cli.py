@@ -1,0 +1,327 @@
+"""The command line: parse, call the library, print, map errors to one line and an exit code.
+
+No logic lives here that the library does not also offer. Heavy modules are imported inside
+the commands, so ``imgbridge --help`` and ``--version`` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ImgBridgeError
+
+#: Commands whose error exit code is not 1 (qemu-img compare uses 2: 1 means "different").
+_ERROR_EXIT = {"compare": 2}
+
+
+def _human_size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{int(value)} {unit}" if value == int(value) else f"{value:.3g} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=4))
+
+
+def _progress_callback(show: bool, description: str) -> tuple[Callable[[int, int], None], Any]:
+    if not show:
+        from .progress import no_progress
+
+        return no_progress, None
+    from .progress import tqdm_progress
+
+    bar = tqdm_progress(description)
+    return bar, bar
+
+
+def _want_progress(progress: bool, quiet: bool) -> bool:
+    return not quiet and (progress or sys.stderr.isatty())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="imgbridge")
+@click.option("--debug", is_flag=True, help="Show a traceback when an error occurs.")
+def cli(debug: bool) -> None:
+    """Inspect and convert disk images (raw, qcow2, VMDK, VHD, VHDX) and container images
+    (OCI, Docker archives), without root, a daemon or loop devices."""
+
+
+@cli.command("formats")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def formats_cmd(as_json: bool) -> None:
+    """List every format with its kind and capabilities.
+
+    Example: imgbridge formats --json
+    """
+    from .api import list_formats
+
+    specs = list_formats()
+    if as_json:
+        _echo_json([spec.to_json() for spec in specs])
+        return
+    click.echo(f"{'name':<16}{'kind':<8}{'read':<6}{'write':<7}capabilities / extensions")
+    for spec in specs:
+        caps = sorted(spec.capabilities - {"read", "create"})
+        exts = " ".join("." + e for e in spec.extensions)
+        click.echo(
+            f"{spec.name:<16}{spec.kind.value:<8}{'yes' if spec.can('read') else 'no':<6}"
+            f"{'yes' if spec.can('create') else 'no':<7}{', '.join(caps)}  {exts}".rstrip()
+        )
+
+
+@cli.command("inspect")
+@click.argument("image", type=click.Path())
+@click.option("-f", "--format", "fmt", help="The image's format (skips detection).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (qemu-img info's field names).")
+@click.option("--allow-outside-backing", is_flag=True,
+              help="Follow companion files outside the image's folder.")
+def inspect_cmd(image: str, fmt: str | None, as_json: bool, allow_outside_backing: bool) -> None:
+    """Describe an image: format, sizes, and what the format records.
+
+    Example: imgbridge inspect disk.qcow2 --json
+    """
+    from .api import inspect
+
+    info = inspect(image, fmt, allow_outside=allow_outside_backing)
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"image: {info.get('filename', image)}")
+    fmt_name = info.get("format", "?")
+    click.echo(f"file format: {fmt_name}{' (guessed)' if info.get('format-guessed') else ''}")
+    if "virtual-size" in info:
+        size = info["virtual-size"]
+        click.echo(f"virtual size: {_human_size(size)} ({size} bytes)")
+    if "actual-size" in info:
+        click.echo(f"disk size: {_human_size(info['actual-size'])}")
+    if "cluster-size" in info:
+        click.echo(f"cluster_size: {info['cluster-size']}")
+    if info.get("backing-filename"):
+        click.echo(f"backing file: {info['backing-filename']}")
+    specific = info.get("format-specific")
+    if specific:
+        click.echo("Format specific information:")
+        for key, value in specific.get("data", {}).items():
+            click.echo(f"    {key}: {value}")
+    if info.get("format-guessed"):
+        click.echo("note: no format recognised this file; it reads as raw", err=True)
+
+
+@cli.command("convert")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("-f", "--format", "fmt", help="The source's format (skips detection).")
+@click.option("-O", "--output-format", "out_fmt",
+              help="The output format (default: from DST's extension).")
+@click.option("-o", "--options", "opts", multiple=True,
+              help="Output options key=value[,key=value]; '-o help' lists them.")
+@click.option("-p", "--progress", is_flag=True, help="Show a progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no messages.")
+@click.option("--plan", "show_plan", is_flag=True, help="Print the conversion steps and stop.")
+@click.option("--sync/--no-sync", default=True, show_default=True,
+              help="fsync the output before it takes its name (qemu-img convert never does).")
+@click.option("--allow-outside-backing", is_flag=True,
+              help="Follow companion files outside the source's folder.")
+def convert_cmd(
+    src: str, dst: str, fmt: str | None, out_fmt: str | None, opts: Sequence[str],
+    progress: bool, quiet: bool, show_plan: bool, sync: bool, allow_outside_backing: bool,
+) -> None:
+    """Convert SRC into DST (written to a temporary file and renamed at the end).
+
+    Example: imgbridge convert -f raw disk.img disk.qcow2 -p
+    """
+    from .api import convert, parse_options, plan
+    from .registry import default_registry
+
+    if any(item.strip() == "help" for item in opts):
+        spec = default_registry().for_output(out_fmt, dst)
+        click.echo(f"Supported options for {spec.name}:")
+        for key, text in sorted(spec.create_options().items()):
+            click.echo(f"  {key:<20}{text}")
+        return
+    options = parse_options(list(opts))
+    if show_plan:
+        click.echo(plan(src, dst, format=fmt, output_format=out_fmt))
+        return
+    callback, bar = _progress_callback(_want_progress(progress, quiet), "convert")
+    try:
+        convert(src, dst, format=fmt, output_format=out_fmt, options=options, progress=callback,
+                allow_outside=allow_outside_backing, sync=sync)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@cli.command("map")
+@click.argument("image", type=click.Path())
+@click.option("-f", "--format", "fmt", help="The image's format (skips detection).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON like qemu-img map --output=json.")
+@click.option("--allow-outside-backing", is_flag=True,
+              help="Follow companion files outside the image's folder.")
+def map_cmd(image: str, fmt: str | None, as_json: bool, allow_outside_backing: bool) -> None:
+    """Print the allocation map: which ranges hold data, read as zero, or come from a backing file.
+
+    Example: imgbridge map disk.raw --json
+    """
+    from .api import allocation_map, extent_to_json
+
+    extents = allocation_map(image, fmt, allow_outside=allow_outside_backing)
+    if as_json:
+        _echo_json([extent_to_json(ext) for ext in extents])
+        return
+    click.echo(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
+    for ext in extents:
+        if ext.kind.value == "data" and ext.host_offset is not None:
+            click.echo(f"{ext.offset:<#20x}{ext.length:<#20x}{ext.host_offset:<#20x}{image}")
+
+
+@cli.command("compare")
+@click.argument("image_a", type=click.Path())
+@click.argument("image_b", type=click.Path())
+@click.option("-f", "fmt_a", help="The first image's format.")
+@click.option("-F", "fmt_b", help="The second image's format.")
+@click.option("-p", "--progress", is_flag=True, help="Show a progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing; the exit code tells.")
+@click.option("--allow-outside-backing", is_flag=True,
+              help="Follow companion files outside the images' folders.")
+def compare_cmd(
+    image_a: str, image_b: str, fmt_a: str | None, fmt_b: str | None, progress: bool,
+    quiet: bool, allow_outside_backing: bool,
+) -> None:
+    """Compare what a guest would read from two disks, in any formats.
+
+    Exit 0 when equal, 1 when they differ (the first differing byte's offset is printed),
+    2 on error. Example: imgbridge compare disk.raw disk.qcow2
+    """
+    from .api import compare
+
+    callback, bar = _progress_callback(_want_progress(progress, quiet), "compare")
+    try:
+        result = compare(image_a, image_b, format_a=fmt_a, format_b=fmt_b, progress=callback,
+                         allow_outside=allow_outside_backing)
+    finally:
+        if bar is not None:
+            bar.close()
+    if result.size_mismatch and not quiet:
+        click.echo("Warning: Image size mismatch!")
+    if result.identical:
+        if not quiet:
+            click.echo("Images are identical.")
+        return
+    if not quiet:
+        click.echo(f"Content mismatch at offset {result.first_difference}!")
+    raise SystemExit(1)
+
+
+@cli.command("check")
+@click.argument("image", type=click.Path())
+@click.option("-f", "--format", "fmt", help="The image's format (skips detection).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON like qemu-img check.")
+@click.option("-r", "--repair", type=click.Choice(["leaks", "all"]),
+              help="Repair in place (without it the image is never modified).")
+@click.option("--allow-outside-backing", is_flag=True,
+              help="Follow companion files outside the image's folder.")
+def check_cmd(
+    image: str, fmt: str | None, as_json: bool, repair: str | None, allow_outside_backing: bool
+) -> None:
+    """Check an image's metadata. Exit 0 clean, 2 corrupt, 3 leaks only, 1 error.
+
+    Example: imgbridge check disk.qcow2
+    """
+    from .api import check
+
+    report = check(image, fmt, repair=repair, allow_outside=allow_outside_backing)
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        for note in report.notes:
+            click.echo(note)
+        for line in report.repaired:
+            click.echo(f"Repaired: {line}")
+        for line in report.corruptions:
+            click.echo(f"ERROR {line}")
+        for line in report.leaks:
+            click.echo(f"Leaked: {line}")
+        if report.corruptions:
+            click.echo(f"{len(report.corruptions)} errors were found on the image.")
+        elif report.leaks:
+            click.echo(f"{len(report.leaks)} leaked clusters were found on the image.")
+        elif report.supported:
+            click.echo("No errors were found on the image.")
+    if report.exit_code:
+        raise SystemExit(report.exit_code)
+
+
+def _subcommand(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. Bad input gives one line on stderr, never a traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("IMGBRIDGE_DEBUG") == "1"
+    error_exit = _ERROR_EXIT.get(_subcommand(args) or "", 1)
+    if hasattr(signal, "SIGTERM"):
+        # A killed conversion must clean up its temporary file like Ctrl-C does.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        result = cli.main(args=args, prog_name="imgbridge", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except click.exceptions.Abort:
+        click.echo("imgbridge: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"imgbridge: error: {exc.format_message()}", err=True)
+        return error_exit
+    except ImgBridgeError as exc:
+        if debug:
+            traceback.print_exc()
+        hint = f" (hint: {exc.hint})" if exc.hint else ""
+        click.echo(f"imgbridge: error: {exc}{hint}", err=True)
+        return error_exit
+    except KeyboardInterrupt:
+        click.echo("imgbridge: interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`imgbridge map | head`): not an error worth a message.
+        sys.stderr.close()
+        return 0
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        name = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"imgbridge: error: {name}{exc.strerror or exc}", err=True)
+        return error_exit
+    except Exception as exc:  # a bug: still one line, with the way to learn more
+        if debug:
+            traceback.print_exc()
+        click.echo(
+            f"imgbridge: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --debug for a traceback, and please report it)",
+            err=True,
+        )
+        return error_exit
+    return result if isinstance(result, int) else 0

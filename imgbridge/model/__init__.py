@@ -1,0 +1,1 @@
+"""The model both worlds share: disks (block devices), file trees and container images."""

@@ -1,0 +1,388 @@
+"""The block-device side of the model: a virtual disk and its allocation map.
+
+A format answers only two questions (QEMU's block-status contract): *what is at this range in
+my own layer* (``block_status``: data / reads as zero / not stored here, ask the backing file)
+and *give me the bytes of one data run* (``read_run``). Everything else a disk offers — reads
+through the backing chain, the merged allocation map, zero-skipping iteration, ``info`` — is
+derived here once, the way go-containerregistry's ``partial`` package derives an image from a
+few methods.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from ..errors import InternalError, InvalidInputError
+from ..source import ByteSource
+
+__all__ = [
+    "BlockState",
+    "CheckReport",
+    "Disk",
+    "Extent",
+    "ExtentKind",
+    "Run",
+    "iter_nonzero",
+    "ZERO_BLOCK",
+]
+
+#: The granularity at which data is tested for zeros before it is written.
+ZERO_GRANULE = 4096
+ZERO_BLOCK = bytes(ZERO_GRANULE)
+#: The largest single read a converter issues (big I/O, bounded memory).
+MAX_IO = 4 << 20
+
+
+class BlockState(enum.Enum):
+    """What one layer says about a range of its guest-visible address space."""
+
+    DATA = "data"  #: bytes stored in this layer
+    ZERO = "zero"  #: reads as zero, decided by this layer (a hole, a zero cluster)
+    UNALLOCATED = "unallocated"  #: not stored here: ask the backing file, else zero
+
+
+class Run(NamedTuple):
+    """One layer's answer for a range.
+
+    ``host_offset`` is where the run starts in the layer's own file, when that is meaningful
+    (always for uncompressed DATA; for a raw hole too, as qemu-img reports it). ``token`` is the
+    format's private note for ``read_run`` (a compressed cluster descriptor, an extent handle).
+    """
+
+    offset: int
+    length: int
+    state: BlockState
+    host_offset: int | None = None
+    token: Any = None
+
+
+class ExtentKind(enum.Enum):
+    """What the guest reads in an extent, after the backing chain is resolved."""
+
+    DATA = "data"
+    ZERO = "zero"
+
+
+class Extent(NamedTuple):
+    """A run of the guest-visible disk, resolved through the backing chain.
+
+    ``depth`` is the layer that decided the run (0 = this image, 1 = its backing file, ...);
+    where no layer decided, ``present`` is False and ``depth`` is the last layer consulted,
+    exactly as in ``qemu-img map --output=json``.
+    """
+
+    offset: int
+    length: int
+    kind: ExtentKind
+    depth: int = 0
+    present: bool = True
+    host_offset: int | None = None
+
+    @property
+    def allocated_here(self) -> bool:
+        return self.present and self.depth == 0
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass
+class CheckReport:
+    """The outcome of an integrity check, in qemu-img check's terms."""
+
+    format: str
+    filename: str
+    supported: bool = True
+    corruptions: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    image_end_offset: int | None = None
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 clean, 2 corruptions, 3 leaks only (qemu-img check's convention)."""
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "filename": self.filename,
+            "format": self.format,
+            "check-errors": 0,
+            "supported": self.supported,
+            "corruptions": len(self.corruptions),
+            "leaks": len(self.leaks),
+        }
+        if self.image_end_offset is not None:
+            out["image-end-offset"] = self.image_end_offset
+        if self.corruptions:
+            out["corruption-details"] = list(self.corruptions)
+        if self.leaks:
+            out["leak-details"] = list(self.leaks)
+        if self.notes:
+            out["notes"] = list(self.notes)
+        if self.repaired:
+            out["repaired"] = list(self.repaired)
+        return out
+
+
+class Disk:
+    """A virtual disk: ``size`` guest bytes, some stored here, some in ``backing``.
+
+    Subclasses implement ``block_status`` and, when their data is not plain bytes at
+    ``host_offset`` of ``host``, ``read_run``.
+    """
+
+    format_name: str = "?"
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        host: ByteSource | None = None,
+        backing: Disk | None = None,
+        filename: str = "",
+    ) -> None:
+        if size < 0:
+            raise InternalError(f"negative disk size {size}")
+        self.size = size
+        self.host = host
+        self.backing = backing
+        self.filename = filename or (host.name if host is not None else "")
+        #: Set by the opener when the format was guessed rather than recognised.
+        self.format_guessed = False
+
+    # ---- what a format implements ---------------------------------------------------------
+
+    def block_status(self, offset: int, length: int) -> Iterator[Run]:
+        """Yield ordered, gap-free runs of this layer covering ``[offset, offset+length)``.
+
+        Runs may start before ``offset`` or end after it; callers clip them.
+        """
+        raise NotImplementedError
+
+    def read_run(self, run: Run, offset: int, n: int) -> bytes:
+        """Read ``n`` guest bytes at ``offset``, which lie inside the DATA run ``run``."""
+        if self.host is None or run.host_offset is None:
+            raise InternalError(f"{self.format_name}: data run without a host location")
+        data = self.host.read_at(run.host_offset + (offset - run.offset), n)
+        if len(data) < n:  # a data run past the end of a truncated file reads as zero
+            data += bytes(n - len(data))
+        return data
+
+    def format_specific(self) -> dict[str, Any] | None:
+        """The ``format-specific`` part of ``info`` (qemu-img's name), if any."""
+        return None
+
+    def check(self, repair: str | None = None) -> CheckReport:
+        """Verify the image's metadata. Formats with metadata override this."""
+        if repair:
+            raise InvalidInputError(f"{self.format_name} images have nothing to repair")
+        return CheckReport(
+            format=self.format_name,
+            filename=self.filename,
+            supported=False,
+            notes=[f"{self.format_name} images have no metadata to check"],
+        )
+
+    # ---- derived --------------------------------------------------------------------------
+
+    def layer_runs(self, offset: int = 0, length: int | None = None) -> Iterator[Run]:
+        """``block_status`` clipped to the range and checked to be ordered and gap-free."""
+        end = self.size if length is None else min(self.size, offset + length)
+        pos = offset
+        if pos >= end:
+            return
+        for run in self.block_status(offset, end - offset):
+            run_end = run.offset + run.length
+            if run.offset > pos or run_end <= pos:
+                raise InternalError(
+                    f"{self.format_name}: block status skipped or repeated bytes at {pos}"
+                )
+            start, stop = pos, min(run_end, end)
+            delta = start - run.offset
+            host = None if run.host_offset is None else run.host_offset + delta
+            yield Run(start, stop - start, run.state, host, run.token)
+            pos = stop
+            if pos >= end:
+                return
+        raise InternalError(f"{self.format_name}: block status ended early at {pos} of {end}")
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """Read guest bytes, falling through to the backing chain where this layer has none."""
+        end = min(self.size, offset + n)
+        if offset >= end:
+            return b""
+        parts: list[bytes] = []
+        for run in self.layer_runs(offset, end - offset):
+            if run.state is BlockState.DATA:
+                parts.append(self._read_data(run))
+            elif run.state is BlockState.UNALLOCATED and self.backing is not None:
+                parts.append(self._read_backing(run.offset, run.length))
+            else:
+                parts.append(bytes(run.length))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_data(self, run: Run) -> bytes:
+        # layer_runs() already clipped the run, so its own offset is where to read.
+        return self.read_run(run, run.offset, run.length)
+
+    def _read_backing(self, offset: int, n: int) -> bytes:
+        assert self.backing is not None
+        data = self.backing.read_at(offset, n)
+        if len(data) < n:  # the backing file is smaller than this image: the rest is zero
+            data += bytes(n - len(data))
+        return data
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """The guest-visible allocation map, merged like ``qemu-img map --output=json``."""
+        pending: Extent | None = None
+        for ext in self._raw_extents(offset, length):
+            if pending is None:
+                pending = ext
+            elif _mergeable(pending, ext):
+                pending = pending._replace(length=pending.length + ext.length)
+            else:
+                yield pending
+                pending = ext
+        if pending is not None:
+            yield pending
+
+    def _raw_extents(self, offset: int, length: int | None) -> Iterator[Extent]:
+        for run in self.layer_runs(offset, length):
+            if run.state is BlockState.DATA:
+                yield Extent(run.offset, run.length, ExtentKind.DATA, 0, True, run.host_offset)
+            elif run.state is BlockState.ZERO:
+                yield Extent(run.offset, run.length, ExtentKind.ZERO, 0, True, run.host_offset)
+            elif self.backing is None:
+                yield Extent(run.offset, run.length, ExtentKind.ZERO, 0, False, None)
+            else:
+                yield from self._backing_extents(run.offset, run.length)
+
+    def _backing_extents(self, offset: int, length: int) -> Iterator[Extent]:
+        assert self.backing is not None
+        end = offset + length
+        inside = min(end, self.backing.size)
+        last_depth = 1
+        if offset < inside:
+            for ext in self.backing._raw_extents(offset, inside - offset):
+                last_depth = ext.depth + 1
+                yield ext._replace(depth=ext.depth + 1)
+        if inside < end:  # beyond the backing file's end nothing is stored anywhere
+            yield Extent(max(offset, inside), end - max(offset, inside), ExtentKind.ZERO,
+                         last_depth, False, None)
+
+    def chain(self) -> list[Disk]:
+        """This disk and its backing files, top first."""
+        out: list[Disk] = []
+        disk: Disk | None = self
+        while disk is not None:
+            out.append(disk)
+            disk = disk.backing
+        return out
+
+    def actual_size(self) -> int | None:
+        """Bytes the image occupies on the host (allocated blocks), as qemu-img reports."""
+        try:
+            st = os.stat(self.filename)
+        except OSError:
+            return None
+        blocks = getattr(st, "st_blocks", None)
+        return blocks * 512 if blocks is not None else st.st_size
+
+    def info(self) -> dict[str, Any]:
+        """A summary keyed like ``qemu-img info --output=json``."""
+        out: dict[str, Any] = {
+            "virtual-size": self.size,
+            "filename": self.filename,
+            "format": self.format_name,
+        }
+        actual = self.actual_size()
+        if actual is not None:
+            out["actual-size"] = actual
+        out["dirty-flag"] = False
+        if self.format_guessed:
+            out["format-guessed"] = True
+        specific = self.format_specific()
+        if specific is not None:
+            out["format-specific"] = {"type": self.format_name, "data": specific}
+        return out
+
+    def close(self) -> None:
+        """Close this layer's files and its backing chain."""
+        if self.backing is not None:
+            self.backing.close()
+        if self.host is not None:
+            self.host.close()
+
+    def __enter__(self) -> Disk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.filename!r} {self.size} bytes>"
+
+
+def _mergeable(a: Extent, b: Extent) -> bool:
+    if (a.kind, a.depth, a.present) != (b.kind, b.depth, b.present) or a.end != b.offset:
+        return False
+    if a.host_offset is None or b.host_offset is None:
+        return a.host_offset is None and b.host_offset is None
+    return a.host_offset + a.length == b.host_offset
+
+
+def iter_nonzero(
+    disk: Disk, *, granule: int = ZERO_GRANULE, max_io: int = MAX_IO
+) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(offset, data)`` for every run of the disk that is not all zeros.
+
+    Zero extents are skipped without a read; data extents are read in pieces of at most
+    ``max_io`` bytes and split at ``granule``-sized blocks of zeros, so a writer that leaves
+    gaps unwritten produces a sparse image. Memory stays at one piece whatever the disk size.
+    """
+    zero = ZERO_BLOCK if granule == ZERO_GRANULE else bytes(granule)
+    for ext in disk.extents():
+        if ext.kind is not ExtentKind.DATA:
+            continue
+        pos, end = ext.offset, ext.end
+        while pos < end:
+            n = min(max_io, end - pos)
+            data = disk.read_at(pos, n)
+            yield from _split_zeros(pos, data, granule, zero)
+            pos += n
+
+
+def _split_zeros(base: int, data: bytes, granule: int, zero: bytes) -> Iterator[tuple[int, bytes]]:
+    n = len(data)
+    if zero[:64] not in data:  # no 64 zero bytes in a row: no zero granule can hide here
+        yield base, data
+        return
+    if data == bytes(n):
+        return
+    # Granules are aligned to the disk, not the piece, so holes land on filesystem blocks.
+    # Slicing bytes and comparing runs at memcmp speed; memoryview comparison does not.
+    start = -1
+    pos = 0
+    while pos < n:
+        nxt = min(n, pos + granule - (base + pos) % granule)
+        piece = data[pos:nxt]
+        if piece == zero or (nxt - pos != granule and piece == bytes(nxt - pos)):
+            if start >= 0:
+                yield base + start, data[start:pos]
+                start = -1
+        elif start < 0:
+            start = pos
+        pos = nxt
+    if start >= 0:
+        yield base + start, data[start:] if start else data

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from imgbridge.errors import InvalidInputError
+from imgbridge.registry import (
+    Detection,
+    FormatSpec,
+    Kind,
+    ProbeInput,
+    Registry,
+    default_registry,
+    read_probe_input,
+)
+
+
+def test_lookup_by_name_alias_and_extension(tmp_path: Path) -> None:
+    reg = Registry(entry_points=False)
+    assert reg.get("RAW").name == "raw"
+    assert reg.for_output(None, str(tmp_path / "x.img")).name == "raw"
+    with pytest.raises(InvalidInputError, match="known: raw"):
+        reg.get("nope")
+    with pytest.raises(InvalidInputError, match="cannot tell the output format"):
+        reg.for_output(None, str(tmp_path / "x.unknown"))
+
+
+def test_a_registered_format_is_probed_and_wins_over_raw(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tmp_path / "fakefmt_mod.py"
+    module.write_text(textwrap.dedent("""
+        def probe(p):
+            return 100 if p.head.startswith(b"FAKE") else (10 if p.extension_is(["fk"]) else 0)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = FormatSpec("fake", Kind.DISK, "fakefmt_mod", aliases=("fk",), extensions=("fk",),
+                      capabilities=frozenset({"read"}))
+    reg = Registry(entry_points=False)
+    reg.add(spec)
+    magic = tmp_path / "a.bin"
+    magic.write_bytes(b"FAKE" + bytes(100))
+    assert reg.detect(str(magic)) == Detection(spec, 100)
+    by_ext = tmp_path / "b.fk"
+    by_ext.write_bytes(bytes(10))
+    found = reg.detect(str(by_ext))
+    assert found.spec is spec and found.guessed  # an extension alone is only a guess
+    other = tmp_path / "c.bin"
+    other.write_bytes(bytes(10))
+    assert reg.detect(str(other)).spec.name == "raw"
+    assert reg.detect(str(other)).guessed
+    assert reg.get("fk") is spec
+
+
+def test_third_party_formats_come_through_entry_points(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "plugin_fmt.py").write_text(textwrap.dedent("""
+        from imgbridge.registry import FormatSpec, Kind
+        SPEC = FormatSpec("plugfmt", Kind.DISK, "plugin_fmt", capabilities=frozenset({"read"}))
+        def probe(p):
+            return 0
+    """))
+    dist = tmp_path / "plugin_fmt-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: plugin-fmt\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[imgbridge.formats]\nplugfmt = plugin_fmt:SPEC\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    assert reg.get("plugfmt").module == "plugin_fmt"
+    assert "plugfmt" in [s.name for s in reg.all()]
+    assert "plugfmt" not in [s.name for s in Registry(entry_points=False).all()]
+
+
+def test_probe_input_sees_head_and_tail(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"HEAD" + bytes(200_000) + b"TAIL")
+    p = read_probe_input(str(path))
+    assert p.head.startswith(b"HEAD") and p.tail.endswith(b"TAIL")
+    assert p.size == 200_008 and not p.is_dir
+    assert read_probe_input(str(tmp_path)).listing == frozenset({"f"})
+
+
+def test_probe_input_of_a_missing_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="no such file"):
+        read_probe_input(str(tmp_path / "missing"))
+
+
+def test_probe_scores_are_clamped() -> None:
+    spec = default_registry().get("raw")
+    assert spec.probe(ProbeInput(b"", b"", "x", 0)) == 1
+    assert spec.probe(ProbeInput(b"", b"", "d", 0, frozenset())) == 0
