@@ -15,7 +15,6 @@ costs almost nothing.
 from __future__ import annotations
 
 import os as _os
-from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ImgBridgeError,
@@ -27,6 +26,10 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+# Not typing.TYPE_CHECKING: importing typing would cost ~10 ms of every start-up; type
+# checkers treat any name TYPE_CHECKING this way.
+TYPE_CHECKING = False
 
 # Installed, formats/ and converters/ live inside this package (pyproject maps them there). Run
 # from a source checkout (``python -m imgbridge`` at the repository's top), they sit beside it
@@ -71,7 +74,7 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _API:
         from . import api
 

@@ -1,3 +1,3 @@
-from imgbridge.cli import main
+from imgbridge._entry import main
 
 raise SystemExit(main())
