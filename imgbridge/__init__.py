@@ -50,6 +50,7 @@ __all__ = [
     "convert",
     "list_formats",
     "inspect",
+    "inspect_chain",
     "open",
     "open_disk",
     "plan",
@@ -57,8 +58,8 @@ __all__ = [
 ]
 
 # Not "formats": that name is the imgbridge.formats subpackage.
-_API = {"allocation_map", "check", "compare", "convert", "inspect", "list_formats", "open",
-        "open_disk", "plan"}
+_API = {"allocation_map", "check", "compare", "convert", "inspect", "inspect_chain",
+        "list_formats", "open", "open_disk", "plan"}
 
 if TYPE_CHECKING:
     from .api import (
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
         compare,
         convert,
         inspect,
+        inspect_chain,
         list_formats,
         open,
         open_disk,

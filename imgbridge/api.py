@@ -23,6 +23,7 @@ __all__ = [
     "convert",
     "list_formats",
     "inspect",
+    "inspect_chain",
     "open",
     "parse_options",
 ]
@@ -130,6 +131,15 @@ def inspect(
         _close(obj)
 
 
+def inspect_chain(
+    path: str | os.PathLike[str], format: str | None = None, *, allow_outside: bool = False
+) -> list[dict[str, Any]]:
+    """``inspect`` for a disk and every backing file below it, top first
+    (``qemu-img info --backing-chain``)."""
+    with open_disk(path, format, allow_outside=allow_outside) as disk:
+        return [layer.info() for layer in disk.chain()]
+
+
 def parse_options(items: list[str] | tuple[str, ...] | str | None) -> dict[str, str]:
     """Parse qemu-img style ``-o key=value,key=value`` (several ``-o`` merge, last wins)."""
     if items is None:
@@ -158,12 +168,15 @@ def convert(
     progress: ProgressFn | None = None,
     allow_outside: bool = False,
     sync: bool = True,
+    source_options: Mapping[str, str] | None = None,
 ) -> None:
     """Convert ``src`` into ``dst``, written atomically (a temporary file, renamed at the end).
 
     ``format`` names the source format; without it the source is probed and a file that only
     raw would accept is refused (pass ``format="raw"``). ``output_format`` defaults to the one
     ``dst``'s extension belongs to. ``options`` are the writer's ``-o`` options.
+    ``source_options`` are the source format's open options, such as
+    ``{"snapshot": "name"}`` to convert a qcow2 internal snapshot (qemu-img's ``-l``).
     ``progress(done, total)`` is called as the work advances. ``sync=False`` skips the
     final fsync (faster; qemu-img convert never flushes), at the cost of durability if the
     machine crashes right after.
@@ -174,7 +187,8 @@ def convert(
     if os.path.exists(dst_path) and os.path.exists(src_path) \
             and os.path.samefile(src_path, dst_path):
         raise InvalidInputError(f"{dst_path}: the output would overwrite the input")
-    source = _open_at(src_path, format, {}, allow_outside=allow_outside, chain=())
+    source = _open_at(src_path, format, source_options or {}, allow_outside=allow_outside,
+                      chain=())
     try:
         if getattr(source, "format_guessed", False):
             raise InvalidInputError(

@@ -86,19 +86,35 @@ def formats_cmd(as_json: bool) -> None:
 @click.argument("image", type=click.Path())
 @click.option("-f", "--format", "fmt", help="The image's format (skips detection).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (qemu-img info's field names).")
+@click.option("--backing-chain", is_flag=True, help="Describe every backing file too.")
 @click.option("--allow-outside-backing", is_flag=True,
               help="Follow companion files outside the image's folder.")
-def inspect_cmd(image: str, fmt: str | None, as_json: bool, allow_outside_backing: bool) -> None:
+def inspect_cmd(image: str, fmt: str | None, as_json: bool, backing_chain: bool,
+                allow_outside_backing: bool) -> None:
     """Describe an image: format, sizes, and what the format records.
 
     Example: imgbridge inspect disk.qcow2 --json
     """
-    from .api import inspect
+    from .api import inspect, inspect_chain
 
+    if backing_chain:
+        chain = inspect_chain(image, fmt, allow_outside=allow_outside_backing)
+        if as_json:
+            _echo_json(chain)
+            return
+        for i, info in enumerate(chain):
+            if i:
+                click.echo()
+            _print_info(info, image)
+        return
     info = inspect(image, fmt, allow_outside=allow_outside_backing)
     if as_json:
         _echo_json(info)
         return
+    _print_info(info, image)
+
+
+def _print_info(info: dict[str, Any], image: str) -> None:
     click.echo(f"image: {info.get('filename', image)}")
     fmt_name = info.get("format", "?")
     click.echo(f"file format: {fmt_name}{' (guessed)' if info.get('format-guessed') else ''}")
@@ -111,6 +127,20 @@ def inspect_cmd(image: str, fmt: str | None, as_json: bool, allow_outside_backin
         click.echo(f"cluster_size: {info['cluster-size']}")
     if info.get("backing-filename"):
         click.echo(f"backing file: {info['backing-filename']}")
+        if info.get("backing-filename-format"):
+            click.echo(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        click.echo("Snapshot list:")
+        click.echo(f"{'ID':<8}{'TAG':<24}{'VM SIZE':>10}  {'DATE':<20}{'VM CLOCK':>16}")
+        for snap in info["snapshots"]:
+            import time as _time
+
+            date = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(snap["date-sec"]))
+            secs = snap["vm-clock-sec"]
+            clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}." \
+                    f"{snap['vm-clock-nsec'] // 1_000_000:03d}"
+            click.echo(f"{snap['id']:<8}{snap['name']:<24}"
+                       f"{_human_size(snap['vm-state-size']):>10}  {date:<20}{clock:>16}")
     specific = info.get("format-specific")
     if specific:
         click.echo("Format specific information:")
@@ -128,6 +158,7 @@ def inspect_cmd(image: str, fmt: str | None, as_json: bool, allow_outside_backin
               help="The output format (default: from DST's extension).")
 @click.option("-o", "--options", "opts", multiple=True,
               help="Output options key=value[,key=value]; '-o help' lists them.")
+@click.option("-l", "--snapshot", help="Convert this internal snapshot (id or name).")
 @click.option("-p", "--progress", is_flag=True, help="Show a progress bar.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no messages.")
 @click.option("--plan", "show_plan", is_flag=True, help="Print the conversion steps and stop.")
@@ -137,7 +168,8 @@ def inspect_cmd(image: str, fmt: str | None, as_json: bool, allow_outside_backin
               help="Follow companion files outside the source's folder.")
 def convert_cmd(
     src: str, dst: str, fmt: str | None, out_fmt: str | None, opts: Sequence[str],
-    progress: bool, quiet: bool, show_plan: bool, sync: bool, allow_outside_backing: bool,
+    snapshot: str | None, progress: bool, quiet: bool, show_plan: bool, sync: bool,
+    allow_outside_backing: bool,
 ) -> None:
     """Convert SRC into DST (written to a temporary file and renamed at the end).
 
@@ -159,7 +191,8 @@ def convert_cmd(
     callback, bar = _progress_callback(_want_progress(progress, quiet), "convert")
     try:
         convert(src, dst, format=fmt, output_format=out_fmt, options=options, progress=callback,
-                allow_outside=allow_outside_backing, sync=sync)
+                allow_outside=allow_outside_backing, sync=sync,
+                source_options={"snapshot": snapshot} if snapshot else None)
     finally:
         if bar is not None:
             bar.close()

@@ -119,10 +119,17 @@ class FormatSpec:
     def create_options(self) -> Mapping[str, str]:
         return getattr(self.load(), "CREATE_OPTIONS", {})
 
+    def open_options(self) -> Mapping[str, str]:
+        return getattr(self.load(), "OPEN_OPTIONS", {})
+
     def open(self, source: Any, resolver: Any, options: Mapping[str, str]) -> Any:
         """Open an image; construct's parse errors become InvalidImageError here, once."""
         if not self.can("read"):
             raise UnsupportedFeatureError(f"format {self.name} cannot be read")
+        unknown = sorted(set(options) - set(self.open_options()))
+        if unknown:
+            raise InvalidInputError(f"format {self.name} has no {unknown[0]!r} to choose when "
+                                    "opening (it is not supported for this format)")
         try:
             return self.load().open(source, resolver, options)
         except ImgBridgeError:
@@ -175,6 +182,14 @@ BUILTIN: tuple[FormatSpec, ...] = (
         description="Raw disk image: the guest's bytes as they are, holes kept sparse",
         extensions=("raw", "img", "bin"),
         capabilities=frozenset({"read", "create", "sparse", "zero-init"}),
+    ),
+    FormatSpec(
+        name="qcow2",
+        kind=Kind.DISK,
+        module="imgbridge.formats.disk.qcow2",
+        description="QEMU copy-on-write v2/v3: backing files, snapshots, compression",
+        extensions=("qcow2", "qcow"),
+        capabilities=frozenset({"read", "sparse", "backing", "compression"}),
     ),
 )
 
