@@ -139,8 +139,55 @@ def cases(work: Path) -> list[tuple[str, Callable[[], Case]]]:
                     ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(copy)],
                     "qemu-img", [])
 
+    def raw_to_qcow2() -> Case:
+        # No flush on either side: --no-sync against qemu-img's default (cache=unsafe).
+        src = build_filesystem_disk(work)
+        out = work / "out.qcow2"
+        return Case("raw -> qcow2, 1 GiB ext4 / 200 MiB",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "raw", "-O", "qcow2",
+                                  str(src), str(out)),
+                    ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src), str(out)],
+                    "qemu-img", [out])
+
+    def qcow2_to_raw() -> Case:
+        src = build_filesystem_disk(work)
+        image = work / "fs-by-qemu.qcow2"  # made by qemu-img, so we read a peer's output
+        if not image.exists():
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src),
+                            str(image)], check=True)
+        out = work / "out.raw"
+        return Case("qcow2 -> raw, 1 GiB ext4 / 200 MiB",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "qcow2", "-O", "raw",
+                                  str(image), str(out)),
+                    ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(out)],
+                    "qemu-img", [out])
+
+    def raw_to_qcow2_compressed() -> Case:
+        src = build_filesystem_disk(work)
+        out = work / "out-c.qcow2"
+        return Case("raw -> qcow2 -c (zlib), 1 GiB / 200 MiB",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-c", "-f", "raw", "-O", "qcow2",
+                                  str(src), str(out)),
+                    ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(src),
+                     str(out)],
+                    "qemu-img", [out])
+
+    def raw_to_qcow2_zstd() -> Case:
+        src = build_filesystem_disk(work)
+        out = work / "out-z.qcow2"
+        return Case("raw -> qcow2 -c (zstd), 1 GiB / 200 MiB",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-c", "-o",
+                                  "compression_type=zstd", "-f", "raw", "-O", "qcow2",
+                                  str(src), str(out)),
+                    ["qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-f", "raw",
+                     "-O", "qcow2", str(src), str(out)],
+                    "qemu-img", [out])
+
     return [("startup", startup), ("raw-to-raw", raw_to_raw),
-            ("raw-to-raw-synced", raw_to_raw_synced), ("compare-raw", compare_raw)]
+            ("raw-to-raw-synced", raw_to_raw_synced), ("compare-raw", compare_raw),
+            ("raw-to-qcow2", raw_to_qcow2), ("qcow2-to-raw", qcow2_to_raw),
+            ("raw-to-qcow2-c", raw_to_qcow2_compressed),
+            ("raw-to-qcow2-zstd", raw_to_qcow2_zstd)]
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "check",
     "compare",
     "convert",
+    "create",
     "list_formats",
     "inspect",
     "inspect_chain",
@@ -58,8 +59,8 @@ __all__ = [
 ]
 
 # Not "formats": that name is the imgbridge.formats subpackage.
-_API = {"allocation_map", "check", "compare", "convert", "inspect", "inspect_chain",
-        "list_formats", "open", "open_disk", "plan"}
+_API = {"allocation_map", "check", "compare", "convert", "create", "inspect",
+        "inspect_chain", "list_formats", "open", "open_disk", "plan"}
 
 if TYPE_CHECKING:
     from .api import (
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
         check,
         compare,
         convert,
+        create,
         inspect,
         inspect_chain,
         list_formats,

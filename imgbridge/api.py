@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, MissingCompanionError
 from .model.disk import MAX_IO, CheckReport, Disk, Extent, ExtentKind
-from .output import AtomicOutput
+from .output import AtomicOutput, StreamOutput
 from .progress import ProgressFn, no_progress
 from .registry import FormatSpec, Kind, default_registry
 from .resolver import CompanionResolver
@@ -21,11 +24,13 @@ __all__ = [
     "check",
     "compare",
     "convert",
+    "create",
     "list_formats",
     "inspect",
     "inspect_chain",
     "open",
     "parse_options",
+    "parse_size",
 ]
 
 
@@ -158,6 +163,34 @@ def parse_options(items: list[str] | tuple[str, ...] | str | None) -> dict[str, 
     return options
 
 
+#: qemu's size suffixes: binary multiples; "b" (or none) means bytes.
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+               "p": 1 << 50, "e": 1 << 60}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([bkmgtpe]?)", re.IGNORECASE)
+
+
+def parse_size(value: str | int, *, what: str = "size") -> int:
+    """A size in qemu's notation: ``1048576``, ``64k``, ``1.5M``, ``10G``, ``2T`` (binary
+    units, case-insensitive). Refuses negative, fractional-byte and absurd (>= 2**63) sizes.
+    """
+    if isinstance(value, bool):
+        raise InvalidInputError(f"{what} must be a size, not {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.fullmatch(value.strip())
+        if match is None:
+            raise InvalidInputError(
+                f"{what} {value!r} is not a size (a number with an optional k, M, G, T suffix)")
+        exact = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        if exact.denominator != 1:
+            raise InvalidInputError(f"{what} {value!r} is not a whole number of bytes")
+        size = int(exact)
+    if size < 0 or size >= 1 << 63:
+        raise InvalidInputError(f"{what} {value!r} is out of range")
+    return size
+
+
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -169,6 +202,9 @@ def convert(
     allow_outside: bool = False,
     sync: bool = True,
     source_options: Mapping[str, str] | None = None,
+    compress: bool = False,
+    backing: str | os.PathLike[str] | None = None,
+    backing_format: str | None = None,
 ) -> None:
     """Convert ``src`` into ``dst``, written atomically (a temporary file, renamed at the end).
 
@@ -180,15 +216,37 @@ def convert(
     ``progress(done, total)`` is called as the work advances. ``sync=False`` skips the
     final fsync (faster; qemu-img convert never flushes), at the cost of durability if the
     machine crashes right after.
+
+    ``compress=True`` compresses the output's clusters (qemu-img convert ``-c``; the format
+    must support compression). ``backing`` (qemu-img's ``-B``) writes only what differs from
+    that base image and names it as the output's backing file: the name is stored as given
+    and, when relative, is relative to ``dst``'s folder, as with qemu-img (``-o
+    backing_file=`` means the same). ``backing_format`` names the base's format (default:
+    detected). The base must lie in ``dst``'s folder unless ``allow_outside``.
     """
     src_path, dst_path = os.fspath(src), os.fspath(dst)
     registry = default_registry()
+    to_stdout = dst_path == "-"
+    if to_stdout and not output_format:
+        raise InvalidInputError("writing to standard output ('-') needs the format named with -O")
     target = registry.for_output(output_format, dst_path)
+    if to_stdout and not target.can("sequential-write"):
+        streamable = ", ".join(s.name for s in registry.all() if s.can("sequential-write"))
+        raise InvalidInputError(f"format {target.name} cannot be written to a pipe",
+                                hint=f"formats that can: {streamable or 'none'}")
+    write_options = dict(options or {})
+    if compress:
+        if not target.can("compression"):
+            raise InvalidInputError(f"format {target.name} cannot compress (-c)",
+                                    hint="choose a format that can, such as qcow2")
+        write_options["compress"] = "on"
+    backing_name, backing_format = _backing_choice(backing, backing_format, write_options)
     if os.path.exists(dst_path) and os.path.exists(src_path) \
             and os.path.samefile(src_path, dst_path):
         raise InvalidInputError(f"{dst_path}: the output would overwrite the input")
     source = _open_at(src_path, format, source_options or {}, allow_outside=allow_outside,
                       chain=())
+    base: Disk | None = None
     try:
         if getattr(source, "format_guessed", False):
             raise InvalidInputError(
@@ -202,13 +260,103 @@ def convert(
                 plan(registry.get(source.format_name), target)  # raises for unsupported pairs
             from imgbridge.converters.disk_to_disk import convert_disk
 
-            with AtomicOutput(dst_path, sync=sync) as out:
-                convert_disk(source, target, out, options or {}, progress or no_progress)
+            if backing_name is not None:
+                base = _open_base(target, dst_path, backing_name, backing_format, allow_outside)
+                write_options["backing_file"] = backing_name
+                write_options["backing_fmt"] = backing_format or base.format_name
+            output = StreamOutput(sys.stdout.buffer) if to_stdout else \
+                AtomicOutput(dst_path, sync=sync)
+            with output as out:
+                convert_disk(source, target, out, write_options, progress or no_progress,
+                             base=base)
                 out.commit()
         else:
             raise InvalidInputError(f"{src_path}: converting this kind of image is not supported")
     finally:
+        if base is not None:
+            base.close()
         _close(source)
+
+
+def _backing_choice(backing: str | os.PathLike[str] | None, backing_format: str | None,
+                    options: dict[str, str]) -> tuple[str | None, str | None]:
+    """The backing file and format to use: given directly (-B/-b, -F) or as ``-o
+    backing_file=,backing_fmt=`` (taken out of ``options``), but not two different ones."""
+    chosen: list[str | None] = []
+    for direct, key in ((backing, "backing_file"), (backing_format, "backing_fmt")):
+        named = options.pop(key, None)
+        value = None if direct is None else os.fspath(direct)
+        if value is not None and named is not None and named != value:
+            raise InvalidInputError(f"two values given for {key}: {value!r} and {named!r}")
+        chosen.append(value if value is not None else named)
+    if chosen[0] is None and chosen[1] is not None:
+        raise InvalidInputError("a backing format was given without a backing file")
+    return chosen[0], chosen[1]
+
+
+def _open_base(target: FormatSpec, image: str, name: str, format: str | None,
+               allow_outside: bool) -> Disk:
+    """Open the backing file an image being written will name, through the companion rules:
+    a relative name starts at the image's folder, and the file must lie inside that folder
+    unless ``allow_outside``."""
+    if not target.can("backing"):
+        raise InvalidInputError(f"format {target.name} cannot have a backing file")
+    resolver = CompanionResolver(image, allow_outside=allow_outside)
+    try:
+        return resolver.open_disk(name, "backing file", format)
+    except MissingCompanionError as exc:
+        if exc.hint is None and not os.path.isabs(name) and "not found" in exc.message:
+            exc.hint = (f"a relative backing file name starts at the new image's folder "
+                        f"({resolver.base_dir}), as with qemu-img")
+        raise
+
+
+def create(
+    path: str | os.PathLike[str],
+    size: int | str | None = None,
+    *,
+    format: str | None = None,
+    backing: str | os.PathLike[str] | None = None,
+    backing_format: str | None = None,
+    options: Mapping[str, str] | None = None,
+    allow_outside: bool = False,
+    sync: bool = True,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Create an empty disk image (``qemu-img create``), written atomically.
+
+    ``size`` takes qemu's suffixes (``"10G"``) and is rounded up to a multiple of 512 bytes,
+    as qemu-img does; without it, the backing file's size is used. ``format`` defaults to the
+    one ``path``'s extension belongs to. ``backing`` names a base image: the new image reads
+    through to it; its name is stored as given and, when relative, is relative to the new
+    image's folder (qemu-img's rule). ``backing_format`` is the base's format (default:
+    detected). ``options`` are the format's ``-o`` options.
+    """
+    dst_path = os.fspath(path)
+    target = default_registry().for_output(format, dst_path)
+    write_options = dict(options or {})
+    backing_name, backing_format = _backing_choice(backing, backing_format, write_options)
+    if size is None and backing_name is None:
+        raise InvalidInputError("give a size for the new image (or a backing file to take "
+                                "it from)")
+    wanted = None if size is None else parse_size(size)
+    base: Disk | None = None
+    try:
+        if backing_name is not None:
+            base = _open_base(target, dst_path, backing_name, backing_format, allow_outside)
+            write_options["backing_file"] = backing_name
+            write_options["backing_fmt"] = backing_format or base.format_name
+        virtual = base.size if wanted is None and base is not None else wanted or 0
+        virtual = -(-virtual // 512) * 512
+        from imgbridge.converters.disk_to_disk import EmptyDisk
+
+        with AtomicOutput(dst_path, sync=sync) as out:
+            target.create(out, EmptyDisk(virtual, base), write_options,
+                          progress or no_progress)
+            out.commit()
+    finally:
+        if base is not None:
+            base.close()
 
 
 def plan(

@@ -159,19 +159,28 @@ def _print_info(info: dict[str, Any], image: str) -> None:
 @click.option("-o", "--options", "opts", multiple=True,
               help="Output options key=value[,key=value]; '-o help' lists them.")
 @click.option("-l", "--snapshot", help="Convert this internal snapshot (id or name).")
+@click.option("-c", "--compress", is_flag=True,
+              help="Compress the output (-o compress=on; qcow2).")
+@click.option("-B", "--backing", "base",
+              help="Write only what differs from this base image and name it as DST's "
+                   "backing file (relative to DST's folder).")
+@click.option("-F", "--backing-format", "base_fmt", help="The base image's format (with -B).")
 @click.option("-p", "--progress", is_flag=True, help="Show a progress bar.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no messages.")
 @click.option("--plan", "show_plan", is_flag=True, help="Print the conversion steps and stop.")
 @click.option("--sync/--no-sync", default=True, show_default=True,
               help="fsync the output before it takes its name (qemu-img convert never does).")
 @click.option("--allow-outside-backing", is_flag=True,
-              help="Follow companion files outside the source's folder.")
+              help="Follow companion files outside the source's (and DST's) folder.")
 def convert_cmd(
     src: str, dst: str, fmt: str | None, out_fmt: str | None, opts: Sequence[str],
-    snapshot: str | None, progress: bool, quiet: bool, show_plan: bool, sync: bool,
-    allow_outside_backing: bool,
+    snapshot: str | None, compress: bool, base: str | None, base_fmt: str | None,
+    progress: bool, quiet: bool, show_plan: bool, sync: bool, allow_outside_backing: bool,
 ) -> None:
     """Convert SRC into DST (written to a temporary file and renamed at the end).
+
+    -c compresses the output; -B BASE writes only what differs from BASE, which becomes
+    DST's backing file.
 
     Example: imgbridge convert -f raw disk.img disk.qcow2 -p
     """
@@ -192,10 +201,62 @@ def convert_cmd(
     try:
         convert(src, dst, format=fmt, output_format=out_fmt, options=options, progress=callback,
                 allow_outside=allow_outside_backing, sync=sync,
-                source_options={"snapshot": snapshot} if snapshot else None)
+                source_options={"snapshot": snapshot} if snapshot else None,
+                compress=compress, backing=base, backing_format=base_fmt)
     finally:
         if bar is not None:
             bar.close()
+
+
+@cli.command("create")
+@click.argument("output", type=click.Path())
+@click.argument("size", required=False)
+@click.option("-f", "--format", "fmt",
+              help="The image's format (default: from OUTPUT's extension).")
+@click.option("-b", "--backing", "base",
+              help="A base image the new one reads through to (relative to OUTPUT's folder).")
+@click.option("-F", "--backing-format", "base_fmt",
+              help="The base image's format (default: detected).")
+@click.option("-o", "--options", "opts", multiple=True,
+              help="Format options key=value[,key=value]; '-o help' lists them.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing.")
+@click.option("--sync/--no-sync", default=True, show_default=True,
+              help="fsync the image before it takes its name.")
+@click.option("--allow-outside-backing", is_flag=True,
+              help="Allow a base image outside OUTPUT's folder.")
+def create_cmd(
+    output: str, size: str | None, fmt: str | None, base: str | None, base_fmt: str | None,
+    opts: Sequence[str], quiet: bool, sync: bool, allow_outside_backing: bool,
+) -> None:
+    """Create an empty disk image of SIZE bytes (k, M, G, T suffixes), like qemu-img create.
+
+    Without SIZE the image takes the base image's size. A relative base name is stored as
+    given and read relative to OUTPUT's folder, as qemu-img does.
+
+    Example: imgbridge create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
+    """
+    from .api import create, parse_options
+    from .registry import default_registry
+
+    if any(item.strip() == "help" for item in opts):
+        spec = default_registry().for_output(fmt, output)
+        click.echo(f"Supported options for {spec.name}:")
+        for key, text in sorted(spec.create_options().items()):
+            click.echo(f"  {key:<20}{text}")
+        return
+    options = parse_options(list(opts))
+    create(output, size, format=fmt, backing=base, backing_format=base_fmt, options=options,
+           allow_outside=allow_outside_backing, sync=sync)
+    if not quiet:
+        from .api import inspect
+
+        info = inspect(output, fmt, allow_outside=allow_outside_backing)
+        described = f"Formatting '{output}', fmt={info['format']} size={info['virtual-size']}"
+        if base:
+            described += f" backing_file={base}"
+            if info.get("backing-filename-format"):
+                described += f" backing_fmt={info['backing-filename-format']}"
+        click.echo(described)
 
 
 @cli.command("map")
@@ -272,28 +333,19 @@ def check_cmd(
 ) -> None:
     """Check an image's metadata. Exit 0 clean, 2 corrupt, 3 leaks only, 1 error.
 
+    Details go to stderr and the summary to stdout, as with qemu-img check.
     Example: imgbridge check disk.qcow2
     """
     from .api import check
 
     report = check(image, fmt, repair=repair, allow_outside=allow_outside_backing)
+    for line in report.messages:
+        click.echo(line, err=True)
     if as_json:
         _echo_json(report.to_json())
     else:
-        for note in report.notes:
-            click.echo(note)
-        for line in report.repaired:
-            click.echo(f"Repaired: {line}")
-        for line in report.corruptions:
-            click.echo(f"ERROR {line}")
-        for line in report.leaks:
-            click.echo(f"Leaked: {line}")
-        if report.corruptions:
-            click.echo(f"{len(report.corruptions)} errors were found on the image.")
-        elif report.leaks:
-            click.echo(f"{len(report.leaks)} leaked clusters were found on the image.")
-        elif report.supported:
-            click.echo("No errors were found on the image.")
+        for line in report.summary():
+            click.echo(line)
     if report.exit_code:
         raise SystemExit(report.exit_code)
 
@@ -309,11 +361,29 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _one_line_warnings() -> None:
+    """Show library warnings (a damaged footer read from its copy, ...) as one line each,
+    once per message, instead of Python's two-line format with a source location."""
+    import warnings
+
+    shown: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            click.echo(f"imgbridge: warning: {text}", err=True)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Bad input gives one line on stderr, never a traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("IMGBRIDGE_DEBUG") == "1"
     error_exit = _ERROR_EXIT.get(_subcommand(args) or "", 1)
+    _one_line_warnings()
     if hasattr(signal, "SIGTERM"):
         # A killed conversion must clean up its temporary file like Ctrl-C does.
         signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -6,12 +6,14 @@ half-written image under the target's name.
 
 from __future__ import annotations
 
+import builtins
 import os
 import tempfile
+from typing import BinaryIO
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, UnsupportedFeatureError
 
-__all__ = ["AtomicOutput"]
+__all__ = ["AtomicOutput", "Output", "StreamOutput"]
 
 
 class AtomicOutput:
@@ -47,6 +49,14 @@ class AtomicOutput:
         os.close(fd)
         self._temps[final] = tmp
         return tmp
+
+    def open_sequential(self) -> BinaryIO:
+        """A write-only stream over the main file, for writers that never seek back.
+
+        Formats with the ``sequential-write`` capability write through this alone, so the same
+        writer can send its output to a pipe (see ``StreamOutput``).
+        """
+        return builtins.open(self.path, "wb")
 
     def companion(self, filename: str) -> str:
         """A temporary path for a file that will sit beside the target as ``filename``."""
@@ -105,3 +115,67 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class StreamOutput:
+    """Output to an already open stream (``-`` as DST: standard output), for formats with the
+    ``sequential-write`` capability. There is nothing to rename: the stream is the result.
+    """
+
+    def __init__(self, stream: BinaryIO, name: str = "<stdout>") -> None:
+        self._stream = stream
+        self.target = name
+        self.sync = False
+
+    @property
+    def path(self) -> str:
+        raise UnsupportedFeatureError(
+            "this output format needs a seekable file; it cannot be written to a pipe"
+        )
+
+    def open_sequential(self) -> BinaryIO:
+        return _Unclosable(self._stream)  # type: ignore[return-value]
+
+    def companion(self, filename: str) -> str:
+        raise UnsupportedFeatureError(
+            "this output is made of several files; it cannot be written to a pipe"
+        )
+
+    def commit(self) -> None:
+        self._stream.flush()
+
+    def abort(self) -> None:
+        """Nothing to remove: what reached the pipe is gone; the reader sees a short stream."""
+
+    def __enter__(self) -> StreamOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+class _Unclosable:
+    """Lets a writer close 'its' stream (``with out.open_sequential() as f``) without closing
+    standard output under the CLI."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes) -> int:
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
+
+    def __enter__(self) -> _Unclosable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: What a writer is given: files to create atomically, or a pipe for sequential formats.
+Output = AtomicOutput | StreamOutput

@@ -189,8 +189,12 @@ BUILTIN: tuple[FormatSpec, ...] = (
         module="imgbridge.formats.disk.qcow2",
         description="QEMU copy-on-write v2/v3: backing files, snapshots, compression",
         extensions=("qcow2", "qcow"),
-        capabilities=frozenset({"read", "sparse", "backing", "compression"}),
+        capabilities=frozenset({"read", "create", "sparse", "backing", "compression",
+                                "zero-init"}),
     ),
+    # -- vmdk --
+    # -- vhd --
+    # -- vhdx --
 )
 
 
@@ -247,8 +251,12 @@ class Registry:
         return list(self._specs.values())
 
     def get(self, name: str) -> FormatSpec:
-        self._load_entry_points()
+        # Plug-ins are looked for only when no built-in format answers: scanning the installed
+        # distributions' entry points costs tens of milliseconds on every start-up.
         key = self._aliases.get(name.lower())
+        if key is None:
+            self._load_entry_points()
+            key = self._aliases.get(name.lower())
         if key is None:
             known = ", ".join(sorted(self._specs))
             raise InvalidInputError(f"unknown format {name!r} (known: {known})")
@@ -260,7 +268,11 @@ class Registry:
             spec = self.get(name)
         else:
             ext = os.path.splitext(path)[1].lower().lstrip(".")
-            matches = [s for s in self.all() if ext and ext in s.extensions and s.can("create")]
+
+            def writers_of(specs: Iterable[FormatSpec]) -> list[FormatSpec]:
+                return [s for s in specs if ext and ext in s.extensions and s.can("create")]
+
+            matches = writers_of(self._specs.values()) or writers_of(self.all())
             if not matches:
                 raise InvalidInputError(
                     f"cannot tell the output format from {os.path.basename(path)!r}",
@@ -276,12 +288,20 @@ class Registry:
         """Probe ``path`` with every format and return the best match (raw at worst)."""
         probe = read_probe_input(path)
         best: Detection | None = None
-        for spec in self.all():
-            if not spec.can("read"):
-                continue
-            score = spec.probe(probe)
-            if score > 0 and (best is None or score > best.score):
-                best = Detection(spec, score)
+        checked: set[str] = set()
+        # Built-ins first: a magic match (100) cannot be beaten, so plug-ins need not load.
+        for specs in (list(self._specs.values()), None):
+            if specs is None:
+                if best is not None and best.score >= 100:
+                    break
+                specs = self.all()
+            for spec in specs:
+                if spec.name in checked or not spec.can("read"):
+                    continue
+                checked.add(spec.name)
+                score = spec.probe(probe)
+                if score > 0 and (best is None or score > best.score):
+                    best = Detection(spec, score)
         if best is None:
             if probe.is_dir:
                 raise InvalidInputError(f"{path}: is a directory, not an image")

@@ -21,7 +21,7 @@ def test_lookup_by_name_alias_and_extension(tmp_path: Path) -> None:
     reg = Registry(entry_points=False)
     assert reg.get("RAW").name == "raw"
     assert reg.for_output(None, str(tmp_path / "x.img")).name == "raw"
-    with pytest.raises(InvalidInputError, match="known: qcow2, raw"):
+    with pytest.raises(InvalidInputError, match=r"known: .*\braw\b"):
         reg.get("nope")
     with pytest.raises(InvalidInputError, match="cannot tell the output format"):
         reg.for_output(None, str(tmp_path / "x.unknown"))

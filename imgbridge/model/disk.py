@@ -93,20 +93,37 @@ class Extent(NamedTuple):
 
 @dataclass
 class CheckReport:
-    """The outcome of an integrity check, in qemu-img check's terms."""
+    """The outcome of an integrity check, counted the way ``qemu-img check`` counts.
+
+    ``corruptions`` and ``leaks`` count problems (a leak is a cluster whose stored refcount
+    is higher than its references; a corruption is anything that can lose data).
+    ``messages`` are the detail lines, worded like qemu-img's (``ERROR ...``, ``Leaked ...``,
+    ``Repairing ...``); ``notes`` are what the user should know (nothing to check, what a
+    repair could not mend). After a repair the counts describe the image as it is now and
+    ``*_fixed`` tell what the repair mended, as qemu-img's double check reports them.
+    """
 
     format: str
     filename: str
     supported: bool = True
-    corruptions: list[str] = field(default_factory=list)
-    leaks: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
     image_end_offset: int | None = None
-    repaired: list[str] = field(default_factory=list)
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    messages: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0 clean, 2 corruptions, 3 leaks only (qemu-img check's convention)."""
+        """qemu-img check's convention: 1 check errors, 2 corruptions, 3 leaks only, 0 clean."""
+        if self.check_errors:
+            return 1
         if self.corruptions:
             return 2
         if self.leaks:
@@ -114,25 +131,58 @@ class CheckReport:
         return 0
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "filename": self.filename,
-            "format": self.format,
-            "check-errors": 0,
-            "supported": self.supported,
-            "corruptions": len(self.corruptions),
-            "leaks": len(self.leaks),
-        }
-        if self.image_end_offset is not None:
-            out["image-end-offset"] = self.image_end_offset
-        if self.corruptions:
-            out["corruption-details"] = list(self.corruptions)
-        if self.leaks:
-            out["leak-details"] = list(self.leaks)
+        """The keys of ``qemu-img check --output=json``: a count appears only when non-zero
+        (check-errors always). ``supported`` (false) and ``notes`` appear only when set."""
+        out: dict[str, Any] = {"filename": self.filename, "format": self.format,
+                               "check-errors": self.check_errors}
+        optional = (
+            ("image-end-offset", self.image_end_offset or 0),
+            ("total-clusters", self.total_clusters),
+            ("allocated-clusters", self.allocated_clusters),
+            ("fragmented-clusters", self.fragmented_clusters),
+            ("compressed-clusters", self.compressed_clusters),
+            ("corruptions", self.corruptions),
+            ("leaks", self.leaks),
+            ("corruptions-fixed", self.corruptions_fixed),
+            ("leaks-fixed", self.leaks_fixed),
+        )
+        out.update((key, value) for key, value in optional if value)
+        if not self.supported:
+            out["supported"] = False
         if self.notes:
             out["notes"] = list(self.notes)
-        if self.repaired:
-            out["repaired"] = list(self.repaired)
         return out
+
+    def summary(self) -> list[str]:
+        """The human summary, in qemu-img check's words (details are in ``messages``)."""
+        lines = list(self.notes)
+        if self.corruptions_fixed or self.leaks_fixed:
+            lines += ["The following inconsistencies were found and repaired:",
+                      f"    {self.leaks_fixed} leaked clusters",
+                      f"    {self.corruptions_fixed} corruptions",
+                      "Double checking the fixed image now..."]
+        if not self.supported:
+            return lines
+        if not (self.corruptions or self.leaks or self.check_errors):
+            lines.append("No errors were found on the image.")
+        if self.corruptions:
+            lines += [f"{self.corruptions} errors were found on the image.",
+                      "Data may be corrupted, or further writes to the image may corrupt it."]
+        if self.leaks:
+            lines += [f"{self.leaks} leaked clusters were found on the image.",
+                      "This means waste of disk space, but no harm to data."]
+        if self.check_errors:
+            lines.append(f"{self.check_errors} internal errors have occurred during the check.")
+        if self.total_clusters and self.allocated_clusters:
+            lines.append(
+                f"{self.allocated_clusters}/{self.total_clusters} = "
+                f"{self.allocated_clusters * 100 / self.total_clusters:.2f}% allocated, "
+                f"{self.fragmented_clusters * 100 / self.allocated_clusters:.2f}% fragmented, "
+                f"{self.compressed_clusters * 100 / self.allocated_clusters:.2f}% compressed "
+                "clusters")
+        if self.image_end_offset:
+            lines.append(f"Image end offset: {self.image_end_offset}")
+        return lines
 
 
 class Disk:
@@ -264,7 +314,7 @@ class Disk:
             elif run.state is BlockState.ZERO:
                 yield Extent(run.offset, run.length, ExtentKind.ZERO, 0, True, run.host_offset)
             elif self.backing is None:
-                yield Extent(run.offset, run.length, ExtentKind.ZERO, 0, False, None)
+                yield Extent(run.offset, run.length, ExtentKind.ZERO, 0, False, run.host_offset)
             else:
                 yield from self._backing_extents(run.offset, run.length)
 
@@ -272,14 +322,14 @@ class Disk:
         assert self.backing is not None
         end = offset + length
         inside = min(end, self.backing.size)
-        last_depth = 1
         if offset < inside:
             for ext in self.backing._raw_extents(offset, inside - offset):
-                last_depth = ext.depth + 1
                 yield ext._replace(depth=ext.depth + 1)
-        if inside < end:  # beyond the backing file's end nothing is stored anywhere
+        if inside < end:
+            # Beyond the backing file's end this layer decides "reads as zero": QEMU reports
+            # it at this layer's depth.
             yield Extent(max(offset, inside), end - max(offset, inside), ExtentKind.ZERO,
-                         last_depth, False, None)
+                         0, False, None)
 
     def chain(self) -> list[Disk]:
         """This disk and its backing files, top first."""

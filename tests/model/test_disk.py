@@ -46,7 +46,7 @@ def test_backing_smaller_than_overlay_reads_zero_beyond_its_end() -> None:
     assert top.read_at(0, 8) == b"AAAA\0\0\0\0"
     assert list(top.extents()) == [
         Extent(0, 4, ExtentKind.DATA, 1, True, 0),
-        Extent(4, 4, ExtentKind.ZERO, 1, False, None),
+        Extent(4, 4, ExtentKind.ZERO, 0, False, None),
     ]
 
 

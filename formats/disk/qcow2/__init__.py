@@ -15,8 +15,9 @@ from imgbridge.source import ByteSource
 
 from ._structs import MAGIC
 from .reader import Qcow2Disk
+from .writer import CREATE_OPTIONS, create
 
-__all__ = ["Qcow2Disk", "open", "probe"]
+__all__ = ["CREATE_OPTIONS", "Qcow2Disk", "create", "open", "probe"]
 
 #: Options for opening: ``snapshot`` reads an internal snapshot (by id or name) instead of
 #: the active state (``convert -l`` in qemu-img's terms).
@@ -24,11 +25,14 @@ OPEN_OPTIONS = {"snapshot": "read this internal snapshot (id or name) instead of
 
 
 def probe(p: ProbeInput) -> int:
-    if p.is_dir or len(p.head) < 8:
+    """The magic decides, whatever the version (so an unknown version gets a clear error
+    rather than a raw guess); a .qcow2 name alone is a weak hint, so a damaged header is
+    reported as a damaged qcow2."""
+    if p.is_dir:
         return 0
-    if p.head[:4] == MAGIC and int.from_bytes(p.head[4:8], "big") in (2, 3):
+    if p.head[:4] == MAGIC:
         return 100
-    return 0
+    return 5 if p.extension_is(("qcow2", "qcow")) else 0
 
 
 def open(

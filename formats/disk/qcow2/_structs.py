@@ -270,3 +270,22 @@ class Snapshot:
 
 def pack_extension(ext_type: int, data: bytes) -> bytes:
     return struct.pack(">II", ext_type, len(data)) + data + bytes(pad8(len(data)) - len(data))
+
+
+# ---- used by check.py (consistency check and repair) ----------------------------------------
+#: Refcount table entries: bits 0-8 are reserved ("Host cluster management").
+REFT_RESERVED_MASK = 0x1FF
+#: Bitmap table entries ("Bitmap table"): offset bits 9-55; bit 0 (all ones) only without one.
+BME_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
+BME_RESERVED_MASK = 0xFF00_0000_0000_01FE
+BME_FLAG_ALL_ONES = 1
+#: Extended L2 subcluster bitmap: the low half says "allocated", the high half "reads as zero".
+L2_BITMAP_ALL_ALLOC = 0xFFFF_FFFF
+#: Header byte offsets a repair rewrites: refcount_table_offset (u64) followed by
+#: refcount_table_clusters (u32), and the v3 incompatible / autoclear feature words (u64).
+HDR_REFCOUNT_TABLE_OFFSET = 48
+HDR_INCOMPATIBLE_FEATURES = 72
+HDR_AUTOCLEAR_FEATURES = 88
+AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
+#: SnapshotEntryFixed as a ``struct`` format, for tables of thousands of entries.
+SNAPSHOT_FIXED_FORMAT = ">QIHHIIQII"

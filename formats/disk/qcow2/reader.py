@@ -24,7 +24,7 @@ from imgbridge.errors import (
     MissingCompanionError,
     UnsupportedFeatureError,
 )
-from imgbridge.model.disk import BlockState, Disk, Run
+from imgbridge.model.disk import BlockState, CheckReport, Disk, Run
 from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource, read_exact
 
@@ -106,6 +106,10 @@ class Qcow2Disk(Disk):
             raise InvalidInputError(f"{self.path}: no snapshot {wanted!r} (snapshots: {listed})")
         snap = matches[0]
         if snap.disk_size is not None:
+            if snap.disk_size >= 1 << 63 or snap.l1_size < -(-snap.disk_size // (
+                    self.cluster_size * self.header.l2_entries)):
+                raise _bad(f"snapshot {snap.id} has a virtual size of {snap.disk_size} bytes, "
+                           f"more than its L1 table of {snap.l1_size} entries maps", self.path)
             self.size = snap.disk_size
         self.l1 = read_l1(self.host_source, snap.l1_table_offset, snap.l1_size, self.header,
                           f"L1 table of snapshot {snap.id}")
@@ -158,6 +162,10 @@ class Qcow2Disk(Disk):
             # Merge runs that continue each other (same state, contiguous host bytes), so
             # callers see few, large runs and read them with few, large preads.
             for run in pieces:
+                if run.offset + run.length <= offset:
+                    # A sub-cluster run before the range: callers need the first run to
+                    # cover ``offset`` (the cluster's start may lie before it).
+                    continue
                 if pending is not None and pending.state is run.state \
                         and pending.token is None and run.token is None \
                         and _host_follows(pending, run):
@@ -172,16 +180,14 @@ class Qcow2Disk(Disk):
     def _table_runs(self, table: array.array[int], first_cluster: int, start: int,
                     stop: int) -> Iterator[Run]:
         """The runs of L2 entries ``start..stop`` of one table, one or more per entry."""
+        if not self.header.extended_l2:
+            yield from self._standard_runs(table, first_cluster, start, stop)
+            return
         cs = self.cluster_size
-        version3 = self.header.version >= 3
-        extended = self.header.extended_l2
         external = self.data_file_name is not None
         for index in range(start, stop):
             guest = (first_cluster + index) * cs
-            if extended:
-                entry, bitmap = table[2 * index], table[2 * index + 1]
-            else:
-                entry, bitmap = table[index], 0
+            entry, bitmap = table[2 * index], table[2 * index + 1]
             if entry & S.L2E_COMPRESSED:
                 if external:
                     raise _bad("compressed cluster in an image with a data file", self.path)
@@ -192,25 +198,75 @@ class Qcow2Disk(Disk):
             if allocated and host % cs:
                 raise _bad(f"data cluster offset {host:#x} for guest offset {guest:#x} is not "
                            "cluster-aligned", self.path)
-            if not extended:
-                if version3 and entry & S.L2E_ZERO:
-                    yield Run(guest, cs, BlockState.ZERO, host if allocated else None)
-                elif allocated:
-                    yield Run(guest, cs, BlockState.DATA, host)
-                else:
-                    yield Run(guest, cs, BlockState.UNALLOCATED)
-                continue
             if not allocated and bitmap & 0xFFFF_FFFF:
                 raise _bad(f"allocated subcluster in unallocated cluster at guest offset "
                            f"{guest:#x}", self.path)
+            alloc_bits, zero_bits = bitmap & 0xFFFF_FFFF, bitmap >> 32
+            if alloc_bits & zero_bits:
+                raise _bad(f"subcluster both allocated and zero at guest offset {guest:#x}",
+                           self.path)
+            # Sub-clusters of an allocated cluster keep their host offset even when they read
+            # as zero or from the backing file (QEMU's *_ALLOC sub-cluster types; qemu-img
+            # map prints it).
+            base = host if allocated else None
+            if alloc_bits == 0xFFFF_FFFF:
+                yield Run(guest, cs, BlockState.DATA, host)
+                continue
+            if not alloc_bits and zero_bits in (0, 0xFFFF_FFFF):
+                yield Run(guest, cs, BlockState.ZERO if zero_bits else BlockState.UNALLOCATED,
+                          base)
+                continue
             sub = cs // S.SUBCLUSTERS
             for i in range(S.SUBCLUSTERS):
-                if bitmap >> i & 1:
-                    yield Run(guest + i * sub, sub, BlockState.DATA, host + i * sub)
-                elif bitmap >> (32 + i) & 1:
-                    yield Run(guest + i * sub, sub, BlockState.ZERO)
+                at = None if base is None else base + i * sub
+                if alloc_bits >> i & 1:
+                    yield Run(guest + i * sub, sub, BlockState.DATA, at)
+                elif zero_bits >> i & 1:
+                    yield Run(guest + i * sub, sub, BlockState.ZERO, at)
                 else:
-                    yield Run(guest + i * sub, sub, BlockState.UNALLOCATED)
+                    yield Run(guest + i * sub, sub, BlockState.UNALLOCATED, at)
+
+    def _standard_runs(self, table: array.array[int], first_cluster: int, start: int,
+                       stop: int) -> Iterator[Run]:
+        """``_table_runs`` for standard (8-byte) L2 entries.
+
+        Entries that continue the one before (the next host cluster with the same flags, or
+        the same unallocated or zero entry) join its run while the table is scanned: one
+        ``Run`` per run of clusters, not per cluster (with 512-byte clusters, building and
+        merging a ``Run`` per cluster cost most of a conversion's time).
+        """
+        cs = self.cluster_size
+        version3 = self.header.version >= 3
+        external = self.data_file_name is not None
+        index = start
+        while index < stop:
+            entry = table[index]
+            guest = (first_cluster + index) * cs
+            if entry & S.L2E_COMPRESSED:
+                if external:
+                    raise _bad("compressed cluster in an image with a data file", self.path)
+                yield Run(guest, cs, BlockState.DATA, None, entry)
+                index += 1
+                continue
+            host = entry & S.L2E_OFFSET_MASK
+            allocated = bool(host) or (external and bool(entry & S.L2E_COPIED))
+            if allocated and host % cs:
+                raise _bad(f"data cluster offset {host:#x} for guest offset {guest:#x} is not "
+                           "cluster-aligned", self.path)
+            step = cs if allocated else 0
+            following = entry + step
+            end = index + 1
+            while end < stop and table[end] == following:
+                end += 1
+                following += step
+            length = (end - index) * cs
+            if version3 and entry & S.L2E_ZERO:
+                yield Run(guest, length, BlockState.ZERO, host if allocated else None)
+            elif allocated:
+                yield Run(guest, length, BlockState.DATA, host)
+            else:
+                yield Run(guest, length, BlockState.UNALLOCATED)
+            index = end
 
     def read_run(self, run: Run, offset: int, n: int) -> bytes:
         if run.token is not None:
@@ -233,8 +289,9 @@ class Qcow2Disk(Disk):
             raise _bad(f"compressed cluster for guest offset {guest:#x} does not decompress: "
                        f"{exc}", self.path, host) from None
         if len(data) != self.cluster_size:
-            raise _bad(f"compressed cluster for guest offset {guest:#x} gives {len(data)} "
-                       f"bytes, not {self.cluster_size}", self.path, host)
+            got = "more than" if len(data) > self.cluster_size else f"{len(data)} bytes, not"
+            raise _bad(f"compressed cluster for guest offset {guest:#x} gives {got} "
+                       f"{self.cluster_size} bytes", self.path, host)
         return data
 
     # ---- description ------------------------------------------------------------------------
@@ -277,6 +334,13 @@ class Qcow2Disk(Disk):
             self.data_source.close()
         super().close()
 
+    def check(self, repair: str | None = None) -> CheckReport:
+        """Rebuild every refcount from the metadata and compare, like ``qemu-img check``;
+        ``repair`` ("leaks" or "all") mends what is safe to mend (see check.py)."""
+        from .check import check_image  # check.py imports this module
+
+        return check_image(self, repair)
+
 
 def _host_follows(a: Run, b: Run) -> bool:
     if a.offset + a.length != b.offset:
@@ -294,8 +358,12 @@ def _decompressor_for(kind: int) -> Callable[[bytes, int], bytes]:
 
         def zstd_cluster(raw: bytes, size: int) -> bytes:
             # A compressed cluster is one zstd frame followed by padding up to the sector end.
-            out: bytes = dctx.decompressobj().decompress(raw)
-            return out[:size]
+            # Ask for one byte more than a cluster, never for the whole frame: a hostile frame
+            # of a few KiB can inflate to gigabytes, and one that gives more than a cluster is
+            # refused by the caller.
+            with dctx.stream_reader(raw) as reader:
+                out: bytes = reader.read(size + 1)
+            return out
 
         return zstd_cluster
 
