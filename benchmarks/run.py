@@ -183,11 +183,48 @@ def cases(work: Path) -> list[tuple[str, Callable[[], Case]]]:
                      "-O", "qcow2", str(src), str(out)],
                     "qemu-img", [out])
 
+    def qemu_qcow2(src: Path) -> Path:
+        image = work / "fs-by-qemu.qcow2"
+        if not image.exists():
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src),
+                            str(image)], check=True)
+        return image
+
+    def raw_to_stream_vmdk() -> Case:
+        src = build_filesystem_disk(work)
+        out = work / "out-stream.vmdk"
+        return Case("raw -> vmdk streamOptimized",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "raw", "-O", "vmdk",
+                                  "-o", "subformat=streamOptimized", str(src), str(out)),
+                    ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o",
+                     "subformat=streamOptimized", str(src), str(out)],
+                    "qemu-img", [out])
+
+    def qcow2_to_vhd() -> Case:
+        image = qemu_qcow2(build_filesystem_disk(work))
+        out = work / "out.vhd"
+        return Case("qcow2 -> vhd (dynamic)",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "qcow2", "-O", "vhd",
+                                  str(image), str(out)),
+                    ["qemu-img", "convert", "-f", "qcow2", "-O", "vpc", str(image), str(out)],
+                    "qemu-img", [out])
+
+    def raw_to_vhdx() -> Case:
+        src = build_filesystem_disk(work)
+        out = work / "out.vhdx"
+        return Case("raw -> vhdx (dynamic)",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "raw", "-O", "vhdx",
+                                  str(src), str(out)),
+                    ["qemu-img", "convert", "-f", "raw", "-O", "vhdx", str(src), str(out)],
+                    "qemu-img", [out])
+
     return [("startup", startup), ("raw-to-raw", raw_to_raw),
             ("raw-to-raw-synced", raw_to_raw_synced), ("compare-raw", compare_raw),
             ("raw-to-qcow2", raw_to_qcow2), ("qcow2-to-raw", qcow2_to_raw),
             ("raw-to-qcow2-c", raw_to_qcow2_compressed),
-            ("raw-to-qcow2-zstd", raw_to_qcow2_zstd)]
+            ("raw-to-qcow2-zstd", raw_to_qcow2_zstd),
+            ("raw-to-vmdk-stream", raw_to_stream_vmdk), ("qcow2-to-vhd", qcow2_to_vhd),
+            ("raw-to-vhdx", raw_to_vhdx)]
 
 
 def main() -> None:

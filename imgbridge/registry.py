@@ -192,8 +192,34 @@ BUILTIN: tuple[FormatSpec, ...] = (
         capabilities=frozenset({"read", "create", "sparse", "backing", "compression",
                                 "zero-init"}),
     ),
+    FormatSpec(
+        name="vmdk",
+        kind=Kind.DISK,
+        module="imgbridge.formats.disk.vmdk",
+        description="VMware virtual disk: sparse, flat, split, stream-optimized, delta disks",
+        extensions=("vmdk",),
+        capabilities=frozenset({"read", "create", "sparse", "backing", "compression",
+                                "multi-file", "sequential-write"}),
+    ),
     # -- vmdk --
+    FormatSpec(
+        name="vhd",
+        kind=Kind.DISK,
+        module="imgbridge.formats.disk.vhd",
+        description="Microsoft Virtual Hard Disk (qemu-img's vpc): fixed, dynamic, differencing",
+        aliases=("vpc",),
+        extensions=("vhd",),
+        capabilities=frozenset({"read", "create", "sparse", "backing", "zero-init"}),
+    ),
     # -- vhd --
+    FormatSpec(
+        name="vhdx",
+        kind=Kind.DISK,
+        module="imgbridge.formats.disk.vhdx",
+        description="Hyper-V VHDX: fixed, dynamic and differencing (read), log replay in memory",
+        extensions=("vhdx",),
+        capabilities=frozenset({"read", "create", "sparse", "backing"}),
+    ),
     # -- vhdx --
 )
 

@@ -12,10 +12,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from imgbridge.source import ByteSource, SourceRun
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
@@ -62,3 +65,27 @@ def make_sparse_file(path: Path, size: int, runs: list[tuple[int, bytes]]) -> Pa
             f.seek(offset)
             f.write(data)
     return path
+
+
+class CountingSource(ByteSource):
+    """Wraps a source and records every read, to prove that holes are never read and that
+    data is read once."""
+
+    def __init__(self, inner: ByteSource) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.reads: list[tuple[int, int]] = []
+        self.bytes_read = 0
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        self.reads.append((offset, n))
+        data = self.inner.read_at(offset, n)
+        self.bytes_read += len(data)
+        return data
+
+    def runs(self, offset: int = 0, length: int | None = None) -> Iterator[SourceRun]:
+        return self.inner.runs(offset, length)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -27,6 +27,7 @@ __all__ = [
     "ExtentKind",
     "Run",
     "iter_nonzero",
+    "merge_runs",
     "ZERO_BLOCK",
 ]
 
@@ -382,6 +383,37 @@ class Disk:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.filename!r} {self.size} bytes>"
+
+
+def merge_runs(runs: Iterable[Run], start: int = 0) -> Iterator[Run]:
+    """Join runs that continue each other and drop those that end at or before ``start``.
+
+    Formats look their maps up entry by entry (a cluster, a grain, a sector); callers want
+    few, large runs so they read with few, large preads. Two runs join when they are adjacent
+    in the guest, in the same state, carry the same token object (a compressed cluster's token
+    is its own, so it always stays one run) and, where they have host offsets, continue each
+    other in the host file.
+    """
+    pending: Run | None = None
+    for run in runs:
+        if run.offset + run.length <= start:
+            continue  # a lookup unit that began before the range: the first run must cover it
+        if pending is not None and _runs_continue(pending, run):
+            pending = pending._replace(length=pending.length + run.length)
+            continue
+        if pending is not None:
+            yield pending
+        pending = run
+    if pending is not None:
+        yield pending
+
+
+def _runs_continue(a: Run, b: Run) -> bool:
+    if a.state is not b.state or a.token is not b.token or a.offset + a.length != b.offset:
+        return False
+    if a.host_offset is None or b.host_offset is None:
+        return a.host_offset is None and b.host_offset is None
+    return a.host_offset + a.length == b.host_offset
 
 
 def _mergeable(a: Extent, b: Extent) -> bool:

@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import make_sparse_file, require_tool, run_cli_process, run_tool
+from helpers import CountingSource, make_sparse_file, require_tool, run_cli_process, run_tool
 from imgbridge.formats.disk import raw
 
 from imgbridge.output import AtomicOutput
-from imgbridge.source import ByteSource, FileSource
+from imgbridge.source import FileSource
 
 pytestmark = pytest.mark.interop
 
@@ -24,24 +24,6 @@ def _pattern(seed: int, n: int) -> bytes:
     return (block * (n // 4096 + 1))[:n]
 
 
-class CountingSource(ByteSource):
-    def __init__(self, inner: ByteSource) -> None:
-        self.inner, self.name = inner, inner.name
-        self.bytes_read = 0
-        self.reads: list[tuple[int, int]] = []
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    def read_at(self, offset: int, n: int) -> bytes:
-        self.reads.append((offset, n))
-        data = self.inner.read_at(offset, n)
-        self.bytes_read += len(data)
-        return data
-
-    def runs(self, offset: int = 0, length: int | None = None):  # type: ignore[no-untyped-def]
-        return self.inner.runs(offset, length)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from imgbridge.errors import (
     MissingCompanionError,
     UnsupportedFeatureError,
 )
-from imgbridge.model.disk import BlockState, CheckReport, Disk, Run
+from imgbridge.model.disk import BlockState, CheckReport, Disk, Run, merge_runs
 from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource, read_exact
 
@@ -137,11 +137,14 @@ class Qcow2Disk(Disk):
         return table
 
     def block_status(self, offset: int, length: int) -> Iterator[Run]:
+        return merge_runs(self._map_runs(offset, length), offset)
+
+    def _map_runs(self, offset: int, length: int) -> Iterator[Run]:
+        """The runs of the L1/L2 map entry by entry, before merging."""
         cs = self.cluster_size
         per_l2 = self.header.l2_entries
         end = offset + length
         cluster = offset // cs
-        pending: Run | None = None
         while cluster * cs < end:
             l1_index, l2_index = divmod(cluster, per_l2)
             l1_entry = self.l1[l1_index] if l1_index < len(self.l1) else 0
@@ -159,23 +162,7 @@ class Qcow2Disk(Disk):
                 pieces = self._table_runs(self._l2_table(l2_offset), l1_index * per_l2,
                                           l2_index, last)
                 cluster = l1_index * per_l2 + last
-            # Merge runs that continue each other (same state, contiguous host bytes), so
-            # callers see few, large runs and read them with few, large preads.
-            for run in pieces:
-                if run.offset + run.length <= offset:
-                    # A sub-cluster run before the range: callers need the first run to
-                    # cover ``offset`` (the cluster's start may lie before it).
-                    continue
-                if pending is not None and pending.state is run.state \
-                        and pending.token is None and run.token is None \
-                        and _host_follows(pending, run):
-                    pending = pending._replace(length=pending.length + run.length)
-                    continue
-                if pending is not None:
-                    yield pending
-                pending = run
-        if pending is not None:
-            yield pending
+            yield from pieces
 
     def _table_runs(self, table: array.array[int], first_cluster: int, start: int,
                     stop: int) -> Iterator[Run]:
@@ -340,14 +327,6 @@ class Qcow2Disk(Disk):
         from .check import check_image  # check.py imports this module
 
         return check_image(self, repair)
-
-
-def _host_follows(a: Run, b: Run) -> bool:
-    if a.offset + a.length != b.offset:
-        return False
-    if a.host_offset is None or b.host_offset is None:
-        return a.host_offset is None and b.host_offset is None
-    return a.host_offset + a.length == b.host_offset
 
 
 def _decompressor_for(kind: int) -> Callable[[bytes, int], bytes]:

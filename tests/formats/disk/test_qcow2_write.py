@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import CliResult, make_sparse_file
+from helpers import CliResult, CountingSource, make_sparse_file
 from imgbridge.converters.disk_to_disk import DiffDisk, EmptyDisk
 from imgbridge.formats.disk import raw
 from imgbridge.formats.disk.qcow2 import writer as W
@@ -25,7 +25,7 @@ import imgbridge
 from imgbridge.errors import InvalidInputError, MissingCompanionError
 from imgbridge.model.disk import BlockState, ExtentKind
 from imgbridge.output import AtomicOutput
-from imgbridge.source import ByteSource, FileSource
+from imgbridge.source import FileSource
 
 KiB, MiB = 1 << 10, 1 << 20
 Cli = Callable[..., CliResult]
@@ -310,23 +310,6 @@ def test_zero_granules_inside_a_data_cluster_stay_holes(tmp_path: Path) -> None:
     assert out.stat().st_blocks * 512 < 512 * KiB
 
 
-class CountingSource(ByteSource):
-    """Records every read, to prove the source is read once and its holes never."""
-
-    def __init__(self, inner: ByteSource) -> None:
-        self.inner, self.name = inner, inner.name
-        self.reads: list[tuple[int, int]] = []
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    def read_at(self, offset: int, n: int) -> bytes:
-        self.reads.append((offset, n))
-        return self.inner.read_at(offset, n)
-
-    def runs(self, offset: int = 0, length: int | None = None):  # type: ignore[no-untyped-def]
-        return self.inner.runs(offset, length)
 
 
 @pytest.mark.parametrize("compress", ["off", "on"])

@@ -4,35 +4,17 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import make_sparse_file
+from helpers import CountingSource, make_sparse_file
 
 import imgbridge
 from imgbridge.errors import InvalidInputError
 from imgbridge.model.disk import ExtentKind
 from imgbridge.output import AtomicOutput
-from imgbridge.source import ByteSource, FileSource, SourceRun
+from imgbridge.source import FileSource, SourceRun
 
 MiB = 1 << 20
 
 
-class CountingSource(ByteSource):
-    """Wraps a source and records every read, to prove that holes are never read."""
-
-    def __init__(self, inner: ByteSource) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.reads: list[tuple[int, int]] = []
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    def read_at(self, offset: int, n: int) -> bytes:
-        self.reads.append((offset, n))
-        return self.inner.read_at(offset, n)
-
-    def runs(self, offset: int = 0, length: int | None = None):  # type: ignore[no-untyped-def]
-        return self.inner.runs(offset, length)
 
 
 def _data_runs(path: Path) -> list[SourceRun]:
