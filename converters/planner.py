@@ -30,6 +30,15 @@ def plan(source: FormatSpec, target: FormatSpec) -> Plan:
             "disk_to_disk: copy the guest-visible bytes, skipping 4 KiB blocks of zeros",
             f"write {target.name} to a temporary file beside the target, then rename",
         ))
+    if source.kind is Kind.IMAGE and target.kind is Kind.IMAGE:
+        return Plan(source, target, (
+            f"read {source.name}: manifest and config; each layer's digest and diff_id "
+            "checked as it streams",
+            "tree_to_tree: copy blobs unchanged, or recompress (-o compression=), squash "
+            "(--flatten) and retag (--tag), each lazily, one layer at a time",
+            f"write {target.name} (metadata first, fixed times and owners: the same input "
+            "gives the same bytes) beside the target, then rename",
+        ))
     raise UnsupportedFeatureError(
         f"converting {source.kind.value} ({source.name}) to {target.kind.value} "
         f"({target.name}) is not implemented yet"

@@ -49,18 +49,21 @@ __all__ = [
     "compare",
     "convert",
     "create",
+    "extract",
+    "list_files",
     "list_formats",
     "inspect",
     "inspect_chain",
     "open",
     "open_disk",
     "plan",
+    "read_file",
     "__version__",
 ]
 
 # Not "formats": that name is the imgbridge.formats subpackage.
-_API = {"allocation_map", "check", "compare", "convert", "create", "inspect",
-        "inspect_chain", "list_formats", "open", "open_disk", "plan"}
+_API = {"allocation_map", "check", "compare", "convert", "create", "extract", "inspect",
+        "inspect_chain", "list_files", "list_formats", "open", "open_disk", "plan", "read_file"}
 
 if TYPE_CHECKING:
     from .api import (
@@ -69,12 +72,15 @@ if TYPE_CHECKING:
         compare,
         convert,
         create,
+        extract,
         inspect,
         inspect_chain,
+        list_files,
         list_formats,
         open,
         open_disk,
         plan,
+        read_file,
     )
 
 

@@ -5,18 +5,24 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidInputError, MissingCompanionError
+from .errors import ImgBridgeError, InvalidInputError, MissingCompanionError
 from .model.disk import MAX_IO, CheckReport, Disk, Extent, ExtentKind
+from .model.image import ContainerImage, ImageIndex
 from .output import AtomicOutput, StreamOutput
 from .progress import ProgressFn, no_progress
 from .registry import FormatSpec, Kind, default_registry
 from .resolver import CompanionResolver
 from .source import FileSource
+
+if TYPE_CHECKING:
+    from imgbridge.converters.tree_to_dir import ExtractReport
+
+    from .model.tree import Entry
 
 __all__ = [
     "CompareResult",
@@ -25,12 +31,15 @@ __all__ = [
     "compare",
     "convert",
     "create",
+    "extract",
+    "list_files",
     "list_formats",
     "inspect",
     "inspect_chain",
     "open",
     "parse_options",
     "parse_size",
+    "read_file",
 ]
 
 
@@ -61,6 +70,7 @@ def _open_at(
     allow_outside: bool, chain: tuple[str, ...],
 ) -> Any:
     registry = default_registry()
+    path, format, options = _split_transport(path, format, options)
     if format:
         spec, guessed = registry.get(format), False
         if not os.path.exists(path):
@@ -79,6 +89,37 @@ def _open_at(
     if isinstance(obj, Disk):
         obj.format_guessed = guessed
     return obj
+
+
+#: skopeo's transport names that imgbridge reads, as ``TRANSPORT:PATH[:REF]`` prefixes.
+_TRANSPORTS = ("oci-archive", "docker-archive", "oci", "dir")
+
+
+def _split_transport(path: str, format: str | None, options: Mapping[str, str],
+                     ) -> tuple[str, str | None, Mapping[str, str]]:
+    """Accept skopeo-style references: ``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``,
+    ``docker-archive:FILE[:REF]``, ``dir:DIR``. A path that exists as written is never split
+    (a file may be named ``oci:x``). The path is the longest prefix of the rest that exists,
+    so a REF may itself hold colons (``busybox:1.36``)."""
+    if os.path.exists(path):
+        return path, format, options
+    transport, sep, rest = path.partition(":")
+    if not sep or transport not in _TRANSPORTS or not rest:
+        return path, format, options
+    target, ref = rest, ""
+    if not os.path.exists(rest):
+        for i in range(len(rest) - 1, 0, -1):
+            if rest[i] == ":" and os.path.exists(rest[:i]):
+                target, ref = rest[:i], rest[i + 1:]
+                break
+    if format and default_registry().get(format).name != transport:
+        raise InvalidInputError(f"{path}: names the {transport} format, but -f says {format}")
+    merged = dict(options)
+    if ref:
+        if transport == "dir":
+            raise InvalidInputError(f"{path}: a dir: image takes no reference")
+        merged["ref"] = ref
+    return target, transport, merged
 
 
 def _open_disk_at(
@@ -120,10 +161,19 @@ def _close(obj: Any) -> None:
 
 
 def inspect(
-    path: str | os.PathLike[str], format: str | None = None, *, allow_outside: bool = False
+    path: str | os.PathLike[str], format: str | None = None, *, allow_outside: bool = False,
+    platform: str | None = None,
 ) -> dict[str, Any]:
-    """Describe an image. For disks the keys are those of ``qemu-img info --output=json``."""
-    obj = open(path, format, allow_outside=allow_outside)
+    """Describe an image. For disks the keys are those of ``qemu-img info --output=json``.
+
+    For container images the keys are ``skopeo inspect``'s (``Name``, ``Digest``,
+    ``RepoTags``, ``Created``, ``Architecture``, ``Os``, ``Layers``, ``LayersData``, ``Env``,
+    ...) plus ``Config``, ``History`` and verified per-layer facts (``LayerDetails``); every
+    blob is read and checked. An image with several platforms is described as the list of
+    them (``Manifests``) unless ``platform`` (``os/arch[/variant]``) picks one.
+    """
+    options = {"platform": platform} if platform else None
+    obj = open(path, format, allow_outside=allow_outside, options=options)
     try:
         if isinstance(obj, Disk):
             return obj.info()
@@ -205,6 +255,8 @@ def convert(
     compress: bool = False,
     backing: str | os.PathLike[str] | None = None,
     backing_format: str | None = None,
+    tags: Sequence[str] | None = None,
+    flatten: bool = False,
 ) -> None:
     """Convert ``src`` into ``dst``, written atomically (a temporary file, renamed at the end).
 
@@ -223,6 +275,11 @@ def convert(
     and, when relative, is relative to ``dst``'s folder, as with qemu-img (``-o
     backing_file=`` means the same). ``backing_format`` names the base's format (default:
     detected). The base must lie in ``dst``'s folder unless ``allow_outside``.
+
+    Container images convert between ``oci`` (a layout folder), ``oci-archive`` and
+    ``docker-archive``: blobs are copied unchanged (digests checked) unless ``options`` ask
+    for ``compression=none|gzip|zstd`` (and ``level=``); ``tags`` (``NAME:TAG``) replace the
+    names the image is written under; ``flatten`` squashes the layers into one.
     """
     src_path, dst_path = os.fspath(src), os.fspath(dst)
     registry = default_registry()
@@ -253,7 +310,14 @@ def convert(
                 f"{src_path}: no format recognises this file; it would be read as raw",
                 hint="pass -f raw (library: format='raw') if it really is a raw disk",
             )
-        if isinstance(source, Disk):
+        if (tags or flatten) and not (isinstance(source, ContainerImage | ImageIndex)
+                                      and target.kind is Kind.IMAGE):
+            raise InvalidInputError("--tag and --flatten apply to container images only")
+        if isinstance(source, ContainerImage | ImageIndex):
+            _convert_image(source, target, dst_path, write_options, progress or no_progress,
+                           sync=sync, to_stdout=to_stdout, tags=tags, flatten=flatten,
+                           compress=compress, backing=backing_name)
+        elif isinstance(source, Disk):
             if target.kind is not Kind.DISK:
                 from imgbridge.converters.planner import plan
 
@@ -276,6 +340,33 @@ def convert(
         if base is not None:
             base.close()
         _close(source)
+
+
+def _convert_image(source: ContainerImage | ImageIndex, target: FormatSpec, dst: str,
+                   options: Mapping[str, str], progress: ProgressFn, *, sync: bool,
+                   to_stdout: bool, tags: Sequence[str] | None, flatten: bool,
+                   compress: bool, backing: str | None) -> None:
+    """The container image branch of ``convert``: tree_to_tree's transforms, then a writer."""
+    from imgbridge.converters.planner import plan
+    from imgbridge.converters.tree_to_tree import convert_image
+
+    if target.kind is not Kind.IMAGE:
+        plan(default_registry().get(getattr(source, "format_name", "oci")), target)  # raises
+    if compress or backing is not None:
+        raise InvalidInputError("-c and -B apply to disk images",
+                                hint="for container images use -o compression=gzip|zstd")
+    if isinstance(source, ImageIndex):
+        raise InvalidInputError("the source holds several platforms; choose one",
+                                hint="pass --platform os/arch (library: "
+                                     "source_options={'platform': ...})")
+    directory = bool(getattr(target.load(), "WRITES_DIRECTORY", False))
+    if to_stdout and directory:
+        raise InvalidInputError(f"format {target.name} is a folder; it cannot go to a pipe")
+    output = StreamOutput(sys.stdout.buffer) if to_stdout else \
+        AtomicOutput(dst, sync=sync, directory=directory)
+    with output as out:
+        convert_image(source, target, out, options, progress, tags=tags, squash=flatten)
+        out.commit()
 
 
 def _backing_choice(backing: str | os.PathLike[str] | None, backing_format: str | None,
@@ -517,3 +608,198 @@ def extent_to_json(ext: Extent) -> dict[str, Any]:
     if ext.host_offset is not None:
         item["offset"] = ext.host_offset
     return item
+
+
+# ---------------------------------------------------------------------------------------------
+# Files inside a container image: list_files, read_file, extract.
+
+
+def _open_image(image: str | os.PathLike[str], platform: str | None) -> Any:
+    """Open a container image (closable), picking ``platform`` from an index."""
+    options = {"platform": platform} if platform else None
+    obj = open(image, allow_outside=False, options=options)
+    from .model.image import ContainerImage
+
+    if isinstance(obj, ContainerImage):
+        return obj
+    platforms = getattr(obj, "platforms", None)
+    _close(obj)
+    if platforms is not None:
+        raise InvalidInputError(
+            f"{os.fspath(image)}: holds images for several platforms: "
+            f"{', '.join(str(p) for p in platforms)}", hint="pick one with --platform")
+    raise InvalidInputError(f"{os.fspath(image)}: not a container image")
+
+
+def _tree(img: Any, layer: int | None) -> list[Any]:
+    """The flattened tree, or layer ``layer``'s entries in archive order (whiteouts kept)."""
+    if layer is None:
+        entries: list[Any] = img.flatten()
+        return entries
+    count = len(img.layers)
+    if not 0 <= layer < count:
+        raise InvalidInputError(f"no layer {layer}: this image has {count} "
+                                f"(numbered 0 to {count - 1})" if count else
+                                f"no layer {layer}: this image has none")
+    return list(img.layers[layer].iter_entries())
+
+
+def _tree_path(path: str) -> str:
+    from .model.tree import normalize_path
+
+    try:
+        return normalize_path(path)
+    except ImgBridgeError:
+        raise InvalidInputError(f"{path}: climbs above the image's root") from None
+
+
+def list_files(
+    image: str | os.PathLike[str], path: str = "", *, layer: int | None = None,
+    platform: str | None = None, recursive: bool = False,
+) -> list[Entry]:
+    """The entries at ``path`` inside a container image, like ``ls -a``: a directory's
+    children (every descendant with ``recursive``), or the entry itself when it is not a
+    directory. Paths are relative to the image's root (``/etc`` and ``etc`` are the same).
+
+    Without ``layer`` this is the image's root filesystem (all layers flattened); with
+    ``layer=N`` (0 is the lowest) it is that layer's own entries, whiteouts included
+    (``EntryType.WHITEOUT`` / ``OPAQUE``). ``InvalidInputError`` when nothing is at ``path``.
+    """
+    want = _tree_path(path)
+    img = _open_image(image, platform)
+    try:
+        entries = _tree(img, layer)
+    finally:
+        _close(img)
+    prefix = want + "/" if want else ""
+    below = [e for e in entries if e.path.startswith(prefix) and e.path != want
+             and (recursive or "/" not in e.path[len(prefix):])]
+    here = [e for e in entries if e.path == want]
+    from .model.tree import Entry, EntryType
+
+    if here and here[-1].type not in (EntryType.DIR, EntryType.OPAQUE):
+        return here[-1:]
+    if layer is not None and not recursive:
+        # A layer need not describe the directories its entries sit in (umoci's upper layers
+        # often do not): show such a directory as flatten would make it, not as nothing.
+        listed = {e.path for e in below}
+        for e in entries:
+            if e.path.startswith(prefix) and "/" in e.path[len(prefix):]:
+                top = prefix + e.path[len(prefix):].split("/", 1)[0]
+                if top not in listed:
+                    listed.add(top)
+                    below.append(Entry(top, EntryType.DIR, mode=0o755))
+    if not (here or below or want == ""):
+        raise InvalidInputError(f"/{want}: no such file or directory in the image"
+                                + (f" (layer {layer})" if layer is not None else ""))
+    return sorted(below, key=lambda e: e.path.split("/"))
+
+
+#: Symlink hops before giving up, as Linux's MAXSYMLINKS.
+_MAX_HOPS = 40
+
+
+def _resolve(by_path: dict[str, Entry], path: str) -> Entry | None:
+    """Follow symlinks inside the tree the way a container would, every lookup clamped to
+    the image's root (an absolute target starts there, ``..`` stops there). None if absent."""
+    from .model.tree import EntryType
+
+    hops = 0
+    todo = [p for p in path.split("/") if p]
+    done: list[str] = []
+    entry: Entry | None = by_path.get("")
+    while todo:
+        part = todo.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        done.append(part)
+        entry = by_path.get("/".join(done))
+        if entry is None:
+            return None
+        if entry.type is EntryType.HARDLINK:
+            entry = by_path.get(entry.link_target)
+        if entry is not None and entry.type is EntryType.SYMLINK:
+            hops += 1
+            if hops > _MAX_HOPS:
+                raise InvalidInputError(f"/{path}: too many levels of symbolic links")
+            target = entry.link_target
+            done.pop()
+            if target.startswith("/"):
+                done = []
+            todo = [p for p in target.split("/") if p] + todo
+            entry = by_path.get("/".join(done)) if done else by_path.get("")
+    return entry
+
+
+def read_file(
+    image: str | os.PathLike[str], path: str, *, layer: int | None = None,
+    platform: str | None = None,
+) -> Iterator[bytes]:
+    """The content of the regular file at ``path`` inside a container image, as chunks of
+    at most 1 MiB (memory stays bounded whatever the file's size).
+
+    Symlinks and hardlinks are followed inside the image (never on the host) in the
+    flattened tree; with ``layer=N`` only that layer's own files are read and a link is not
+    followed. Checked before the first chunk: ``InvalidInputError`` when ``path`` is missing
+    or not a regular file.
+    """
+    from .model.tree import EntryType
+
+    want = _tree_path(path)
+    img = _open_image(image, platform)
+    try:
+        entries = _tree(img, layer)
+        by_path = {e.path: e for e in entries}
+        entry = _resolve(by_path, want) if layer is None else by_path.get(want)
+        if entry is None:
+            raise InvalidInputError(f"/{want}: no such file in the image"
+                                    + (f" (layer {layer})" if layer is not None else ""))
+        if entry.type is not EntryType.FILE:
+            raise InvalidInputError(f"/{want}: is a {entry.type.value}, not a regular file")
+        stream = entry.open()
+    except BaseException:
+        _close(img)
+        raise
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            with stream:
+                while chunk := stream.read(1 << 20):
+                    yield chunk
+        finally:
+            _close(img)  # the image's spooled layers live until the last chunk is read
+
+    return chunks()
+
+
+def extract(
+    image: str | os.PathLike[str], out: str | os.PathLike[str], *, layer: int | None = None,
+    platform: str | None = None,
+) -> ExtractReport:
+    """Write a container image's root filesystem (or, with ``layer=N``, one layer's own
+    entries) into the directory ``out``, which must not exist yet or be empty.
+
+    Nothing is ever written outside ``out``: symlinks are created as they are but never
+    followed, parents are opened without following symlinks, hardlinks may only point at
+    files this extraction wrote. Modes, times (to the nanosecond), xattrs and hardlinks are
+    kept; owners and device nodes only when running as root. The returned
+    :class:`~imgbridge.converters.tree_to_dir.ExtractReport` lists what was refused or could
+    not be reproduced; ``report.summary()`` says it in a line per kind.
+    """
+    from imgbridge.converters.tree_to_dir import extract_tree, prepare_out
+
+    img = _open_image(image, platform)
+    try:
+        if layer is None:
+            prepare_out(os.fspath(out))  # refuse a non-empty OUT before flattening a big image
+            entries: Iterable[Entry] = img.flatten()
+        else:
+            _tree(img, layer)  # check the layer number
+            entries = img.layers[layer].iter_entries()  # streamed in archive order
+        return extract_tree(entries, out)
+    finally:
+        _close(img)

@@ -89,8 +89,9 @@ def formats_cmd(as_json: bool) -> None:
 @click.option("--backing-chain", is_flag=True, help="Describe every backing file too.")
 @click.option("--allow-outside-backing", is_flag=True,
               help="Follow companion files outside the image's folder.")
+@click.option("--platform", help="Container images: describe this os/arch[/variant] only.")
 def inspect_cmd(image: str, fmt: str | None, as_json: bool, backing_chain: bool,
-                allow_outside_backing: bool) -> None:
+                allow_outside_backing: bool, platform: str | None) -> None:
     """Describe an image: format, sizes, and what the format records.
 
     Example: imgbridge inspect disk.qcow2 --json
@@ -107,11 +108,55 @@ def inspect_cmd(image: str, fmt: str | None, as_json: bool, backing_chain: bool,
                 click.echo()
             _print_info(info, image)
         return
-    info = inspect(image, fmt, allow_outside=allow_outside_backing)
+    info = inspect(image, fmt, allow_outside=allow_outside_backing, platform=platform)
     if as_json:
         _echo_json(info)
         return
+    if "Layers" in info or "Manifests" in info:
+        _print_image_info(info, image)
+        return
     _print_info(info, image)
+
+
+def _print_image_info(info: dict[str, Any], image: str) -> None:
+    """Container images: the facts skopeo inspect shows, then config, history and layers."""
+    click.echo(f"image: {image}")
+    click.echo(f"file format: {info.get('format', '?')}")
+    if "Manifests" in info:
+        click.echo("platforms (pick one with --platform):")
+        for item in info["Manifests"]:
+            click.echo(f"    {item['Platform']:<24}{item['Digest']}")
+        return
+    platform = f"{info['Os']}/{info['Architecture']}"
+    if info.get("Variant"):
+        platform += f"/{info['Variant']}"
+    click.echo(f"platform: {platform}")
+    for key, label in (("Digest", "digest"), ("Created", "created")):
+        if info.get(key):
+            click.echo(f"{label}: {info[key]}")
+    if info.get("RepoTags"):
+        click.echo(f"tags: {', '.join(info['RepoTags'])}")
+    config = info.get("Config", {})
+    for key in ("Entrypoint", "Cmd", "WorkingDir", "User", "ExposedPorts", "Volumes", "Author"):
+        if config.get(key):
+            click.echo(f"{key.lower()}: {config[key]}")
+    for var in info.get("Env") or []:
+        click.echo(f"env: {var}")
+    for name, value in (info.get("Labels") or {}).items():
+        click.echo(f"label: {name}={value}")
+    if info.get("History"):
+        click.echo("history:")
+        for item in info["History"]:
+            what = item.get("created_by") or item.get("comment") or ""
+            empty = " (empty layer)" if item.get("empty_layer") else ""
+            click.echo(f"    {item.get('created') or '-':<32}{what}{empty}")
+    click.echo("layers:")
+    for i, layer in enumerate(info.get("LayerDetails", [])):
+        click.echo(
+            f"    {i}: {layer['Digest']} {layer['Compression']} "
+            f"{_human_size(layer['CompressedSize'])} -> {_human_size(layer['UncompressedSize'])}"
+            f", {layer['Files']} entries, {layer['Whiteouts']} whiteouts"
+            + (f", opaque: {' '.join(layer['OpaqueDirs'])}" if layer["OpaqueDirs"] else ""))
 
 
 def _print_info(info: dict[str, Any], image: str) -> None:
@@ -172,15 +217,22 @@ def _print_info(info: dict[str, Any], image: str) -> None:
               help="fsync the output before it takes its name (qemu-img convert never does).")
 @click.option("--allow-outside-backing", is_flag=True,
               help="Follow companion files outside the source's (and DST's) folder.")
+@click.option("--tag", "tags", multiple=True, metavar="NAME:TAG",
+              help="Container images: write the image under this name (repeatable).")
+@click.option("--flatten", is_flag=True,
+              help="Container images: squash all layers into one.")
+@click.option("--platform", help="Container images: convert this os/arch[/variant] of an index.")
 def convert_cmd(
     src: str, dst: str, fmt: str | None, out_fmt: str | None, opts: Sequence[str],
     snapshot: str | None, compress: bool, base: str | None, base_fmt: str | None,
     progress: bool, quiet: bool, show_plan: bool, sync: bool, allow_outside_backing: bool,
+    tags: Sequence[str], flatten: bool, platform: str | None,
 ) -> None:
     """Convert SRC into DST (written to a temporary file and renamed at the end).
 
     -c compresses the output; -B BASE writes only what differs from BASE, which becomes
-    DST's backing file.
+    DST's backing file. Container images convert between oci, oci-archive and
+    docker-archive (-O), with --tag, --flatten and -o compression=none|gzip|zstd.
 
     Example: imgbridge convert -f raw disk.img disk.qcow2 -p
     """
@@ -201,8 +253,10 @@ def convert_cmd(
     try:
         convert(src, dst, format=fmt, output_format=out_fmt, options=options, progress=callback,
                 allow_outside=allow_outside_backing, sync=sync,
-                source_options={"snapshot": snapshot} if snapshot else None,
-                compress=compress, backing=base, backing_format=base_fmt)
+                source_options={k: v for k, v in (("snapshot", snapshot),
+                                                  ("platform", platform)) if v} or None,
+                compress=compress, backing=base, backing_format=base_fmt,
+                tags=list(tags) or None, flatten=flatten)
     finally:
         if bar is not None:
             bar.close()
@@ -348,6 +402,111 @@ def check_cmd(
             click.echo(line)
     if report.exit_code:
         raise SystemExit(report.exit_code)
+
+
+
+_TYPE_CHAR = {"file": "-", "dir": "d", "symlink": "l", "hardlink": "-", "char": "c",
+              "block": "b", "fifo": "p", "socket": "s", "whiteout": "w", "opaque": "o"}
+
+
+def _mode_string(kind: str, mode: int) -> str:
+    """``ls -l``'s mode column: type letter, rwx triplets, s/S t/T for set-id and sticky."""
+    out = [_TYPE_CHAR.get(kind, "?")]
+    for shift, special, letter in ((6, 0o4000, "s"), (3, 0o2000, "s"), (0, 0o1000, "t")):
+        bits = (mode >> shift) & 7
+        out.append("r" if bits & 4 else "-")
+        out.append("w" if bits & 2 else "-")
+        if mode & special:
+            out.append(letter if bits & 1 else letter.upper())
+        else:
+            out.append("x" if bits & 1 else "-")
+    return "".join(out)
+
+
+def _long_line(entry: Any) -> str:
+    import time as _time
+
+    kind = entry.type.value
+    seconds = entry.mtime // 1_000_000_000
+    try:
+        when = _time.strftime("%Y-%m-%d %H:%M", _time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        when = str(seconds)
+    size = f"{entry.devmajor}, {entry.devminor}" if kind in ("char", "block") else str(entry.size)
+    name = "/" + entry.path
+    if kind == "symlink":
+        name += f" -> {entry.link_target}"
+    elif kind == "hardlink":
+        name += f" link to /{entry.link_target}"
+    elif kind in ("whiteout", "opaque"):
+        name += f" ({kind})"
+    return (f"{_mode_string(kind, entry.mode)} {entry.uid:>5} {entry.gid:>5} {size:>10} "
+            f"{when} {name}")
+
+
+@cli.command("ls")
+@click.argument("image", type=click.Path())
+@click.argument("path", default="/")
+@click.option("-l", "long", is_flag=True,
+              help="Long listing: mode, uid, gid, size, mtime (UTC), link target.")
+@click.option("-R", "--recursive", is_flag=True, help="List everything below PATH.")
+@click.option("--layer", type=int, help="List layer N's own entries (0 is the lowest), "
+                                        "whiteouts included, instead of the flattened tree.")
+@click.option("--platform", help="Pick this os/arch[/variant] from a multi-platform image.")
+def ls_cmd(image: str, path: str, long: bool, recursive: bool, layer: int | None,
+           platform: str | None) -> None:
+    """List the files at PATH (default /) inside a container image.
+
+    IMAGE is a path or a skopeo-style reference (oci:DIR:TAG, docker-archive:FILE, ...).
+    Example: imgbridge ls -l oci:image:latest /etc
+    """
+    from .api import list_files
+
+    for entry in list_files(image, path, layer=layer, platform=platform, recursive=recursive):
+        click.echo(_long_line(entry) if long else "/" + entry.path)
+
+
+@cli.command("cat")
+@click.argument("image", type=click.Path())
+@click.argument("path")
+@click.option("--layer", type=int, help="Read from layer N's own files (0 is the lowest).")
+@click.option("--platform", help="Pick this os/arch[/variant] from a multi-platform image.")
+def cat_cmd(image: str, path: str, layer: int | None, platform: str | None) -> None:
+    """Write the content of the file at PATH inside a container image to standard output.
+
+    Symlinks are followed inside the image, never on the host.
+    Example: imgbridge cat oci:image:latest /etc/os-release
+    """
+    from .api import read_file
+
+    out = sys.stdout.buffer
+    for chunk in read_file(image, path, layer=layer, platform=platform):
+        out.write(chunk)
+    out.flush()
+
+
+@cli.command("extract")
+@click.argument("image", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--layer", type=int, help="Extract layer N's own entries (0 is the lowest) "
+                                        "instead of the flattened tree.")
+@click.option("--platform", help="Pick this os/arch[/variant] from a multi-platform image.")
+def extract_cmd(image: str, out: str, layer: int | None, platform: str | None) -> None:
+    """Write a container image's root filesystem into the directory OUT.
+
+    OUT must not exist or be empty. Nothing is written outside OUT: symlinks are created as
+    they are but never followed. What the host cannot reproduce (owners and device nodes
+    when not root, refused xattrs) is listed on stderr, one line per kind; entries refused
+    as unsafe make the exit code 1.
+    Example: imgbridge extract oci:image:latest rootfs
+    """
+    from .api import extract
+
+    report = extract(image, out, layer=layer, platform=platform)
+    for line in report.summary():
+        click.echo(f"imgbridge: warning: {line}", err=True)
+    if report.refused:
+        raise SystemExit(1)
 
 
 def _subcommand(argv: Sequence[str]) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import shutil
 import tempfile
 from typing import BinaryIO
 
@@ -23,21 +24,41 @@ class AtomicOutput:
     block without it (an error, Ctrl-C) removes every temporary file.
     """
 
-    def __init__(self, target: str, *, sync: bool = True) -> None:
+    def __init__(self, target: str, *, sync: bool = True, directory: bool = False) -> None:
         self.target = os.path.abspath(target)
         #: fsync every file before it is renamed, so a crash never leaves a short image under
         #: the final name. qemu-img convert does not flush (its default cache mode is unsafe).
         self.sync = sync
         self.directory = os.path.dirname(self.target)
-        if os.path.isdir(self.target):
+        #: The target is a folder (an OCI layout): ``path`` is then a temporary folder beside
+        #: it, renamed as a whole at commit, so a reader never sees a half-written layout.
+        self.is_directory = directory
+        if directory:
+            if os.path.lexists(self.target) and not (
+                    os.path.isdir(self.target) and not os.path.islink(self.target)
+                    and not os.listdir(self.target)):
+                # rename() replaces only an empty folder; refusing anything else also keeps
+                # a conversion from silently merging into (or destroying) an existing image.
+                raise InvalidInputError(f"{target}: already exists",
+                                        hint="remove it or choose another name")
+        elif os.path.isdir(self.target):
             raise InvalidInputError(f"{target}: is a directory")
         if not os.path.isdir(self.directory):
             raise InvalidInputError(
                 f"cannot write {target}: folder {self.directory} does not exist"
             )
         self._temps: dict[str, str] = {}  # final path -> temporary path
-        self.path = self._temp_for(self.target)
+        self.path = self._temp_dir_for(self.target) if directory else self._temp_for(self.target)
         self._committed = False
+
+    def _temp_dir_for(self, final: str) -> str:
+        try:
+            tmp = tempfile.mkdtemp(dir=os.path.dirname(final),
+                                   prefix=f".{os.path.basename(final)}.", suffix=".part")
+        except OSError as exc:
+            raise InvalidInputError(f"cannot write {final}: {exc.strerror or exc}") from None
+        self._temps[final] = tmp
+        return tmp
 
     def _temp_for(self, final: str) -> str:
         try:
@@ -74,9 +95,14 @@ class AtomicOutput:
         order = [f for f in self._temps if f != self.target] + [self.target]
         for final in order:
             tmp = self._temps[final]
-            if self.sync:
-                _fsync_path(tmp)
-            os.chmod(tmp, 0o666 & ~mask)
+            if os.path.isdir(tmp):
+                if self.sync:
+                    _fsync_tree(tmp)
+                os.chmod(tmp, 0o777 & ~mask)
+            else:
+                if self.sync:
+                    _fsync_path(tmp)
+                os.chmod(tmp, 0o666 & ~mask)
             os.replace(tmp, final)
         self._committed = True
         if not self.sync:
@@ -98,7 +124,10 @@ class AtomicOutput:
             return
         for tmp in self._temps.values():
             try:
-                os.unlink(tmp)
+                if os.path.isdir(tmp) and not os.path.islink(tmp):
+                    shutil.rmtree(tmp)
+                else:
+                    os.unlink(tmp)
             except FileNotFoundError:
                 pass
 
@@ -115,6 +144,17 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    """fsync every file and folder under ``root`` (a directory output), folders last."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_path(os.path.join(dirpath, name))
+        try:
+            _fsync_path(dirpath)
+        except OSError:
+            pass  # some filesystems cannot fsync a directory
 
 
 class StreamOutput:

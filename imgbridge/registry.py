@@ -201,6 +201,34 @@ BUILTIN: tuple[FormatSpec, ...] = (
         capabilities=frozenset({"read", "create", "sparse", "backing", "compression",
                                 "multi-file", "sequential-write"}),
     ),
+    FormatSpec(
+        name="oci",
+        kind=Kind.IMAGE,
+        module="imgbridge.formats.image.oci_layout",
+        description="OCI image layout directory (oci-layout, index.json, blobs/)",
+        capabilities=frozenset({"read", "create", "multi-file", "compression"}),
+    ),
+    FormatSpec(
+        name="oci-archive",
+        kind=Kind.IMAGE,
+        module="imgbridge.formats.image.oci_archive",
+        description="Tar archive of an OCI image layout",
+        capabilities=frozenset({"read", "create", "compression", "sequential-write"}),
+    ),
+    FormatSpec(
+        name="docker-archive",
+        kind=Kind.IMAGE,
+        module="imgbridge.formats.image.docker_archive",
+        description="docker save archive: manifest.json, legacy layer folders, Docker 25+",
+        capabilities=frozenset({"read", "create", "compression", "sequential-write"}),
+    ),
+    FormatSpec(
+        name="dir",
+        kind=Kind.IMAGE,
+        module="imgbridge.formats.image.skopeo_dir",
+        description="skopeo dir: folder (manifest.json, version, one file per blob)",
+        capabilities=frozenset({"read", "multi-file", "compression"}),
+    ),
     # -- vmdk --
     FormatSpec(
         name="vhd",

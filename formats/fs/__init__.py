@@ -1,0 +1,1 @@
+"""Filesystem and archive readers that turn bytes into ``Entry`` trees (tar layers first)."""

@@ -1,0 +1,1 @@
+"""Container image formats: OCI layouts and archives, Docker archives, skopeo ``dir:`` folders."""
