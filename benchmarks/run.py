@@ -5,7 +5,8 @@ Usage: python benchmarks/run.py [--repeat N] [--only NAME] [--workdir DIR]
 
 Each case runs our command and the peer's on the same input, takes the median wall time of N
 runs and the peak RSS of the process, and prints ``ratio = ours / theirs`` (below 1: we are
-faster). Inputs are built at run time with independent tools (mke2fs, qemu-img). Nothing here
+faster). Inputs are built at run time with independent tools (mke2fs, qemu-img;
+debootstrap and umoci for a Debian image). Nothing here
 is a test: figures go in the issue notes, never into assertions.
 """
 
@@ -63,7 +64,10 @@ def measure(cmd: list[str], repeat: int, cleanup: list[Path]) -> tuple[float, in
     times, peak = [], 0
     for _ in range(repeat):
         for path in cleanup:
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)  # an extracted tree
+            else:
+                path.unlink(missing_ok=True)
         elapsed, rss = run_once(cmd)
         times.append(elapsed)
         peak = max(peak, rss)
@@ -96,6 +100,49 @@ def build_filesystem_disk(work: Path, data_mib: int = 200, disk: str = "1G") -> 
                    check=True)
     shutil.rmtree(tree)
     return image
+
+
+def build_debian_image(work: Path) -> tuple[str, str]:
+    """An OCI layout (one layer) of a real Debian root filesystem, and a label saying so.
+
+    The tree comes from ``debootstrap --variant=minbase bookworm`` (root and Debian's mirror
+    needed); umoci turns it into an image the way the interop tests do (init, new, unpack
+    --rootless, copy the tree in, repack). Both are cached in ``work``. Where debootstrap
+    cannot run, the largest real tree at hand, /usr/lib/python3.*, stands in, and the label
+    says so.
+    """
+    layout = work / "debian-oci"
+    label_file = work / "debian-oci.label"
+    if layout.exists() and label_file.exists():
+        return f"oci:{layout}:bookworm", label_file.read_text()
+    rootfs = work / "debian-rootfs"
+    label = "debian bookworm minbase"
+    if not (rootfs / "etc" / "debian_version").exists():
+        shutil.rmtree(rootfs, ignore_errors=True)
+        done = shutil.which("debootstrap") and subprocess.run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(rootfs)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode == 0
+        if not done:
+            shutil.rmtree(rootfs, ignore_errors=True)
+            stdlib = max(Path("/usr/lib").glob("python3.*"),
+                         key=lambda p: sum(f.stat().st_size for f in p.rglob("*")
+                                           if f.is_file() and not f.is_symlink()))
+            shutil.copytree(stdlib, rootfs / stdlib.relative_to("/"), symlinks=True)
+            label = f"NOT debian: {stdlib} (debootstrap failed)"
+    shutil.rmtree(layout, ignore_errors=True)
+    bundle = work / "debian-bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    ref = f"{layout}:bookworm"
+    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+    subprocess.run(["umoci", "new", "--image", ref], check=True)
+    subprocess.run(["umoci", "unpack", "--rootless", "--image", ref, str(bundle)], check=True)
+    subprocess.run(["cp", "-a", f"{rootfs}/.", str(bundle / "rootfs")], check=True)
+    subprocess.run(["umoci", "repack", "--image", ref, str(bundle)], check=True)
+    shutil.rmtree(bundle)
+    size = sum(f.stat().st_size for f in rootfs.rglob("*") if f.is_file() and not f.is_symlink())
+    label += f", {size / MiB:.0f} MiB of files"
+    label_file.write_text(label)
+    return f"oci:{ref}", label
 
 
 def imgbridge_cmd(*args: str) -> list[str]:
@@ -218,13 +265,34 @@ def cases(work: Path) -> list[tuple[str, Callable[[], Case]]]:
                     ["qemu-img", "convert", "-f", "raw", "-O", "vhdx", str(src), str(out)],
                     "qemu-img", [out])
 
+    def oci_to_docker_archive() -> Case:
+        ref, label = build_debian_image(work)
+        out = work / "debian-docker.tar"
+        return Case(f"oci -> docker-archive ({label})",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-O", "docker-archive",
+                                  ref, str(out)),
+                    ["skopeo", "copy", "-q", ref, f"docker-archive:{out}"],
+                    "skopeo", [out])
+
+    def flatten_extract() -> Case:
+        # Both flatten the layers and write the tree. Run as root, ours also sets owners and
+        # makes device nodes, which umoci --rootless never does: a little more work for us.
+        ref, label = build_debian_image(work)
+        out = work / "debian-extracted"
+        return Case(f"flatten + extract ({label})",
+                    imgbridge_cmd("extract", ref, str(out)),
+                    ["umoci", "unpack", "--rootless", "--image", ref.removeprefix("oci:"),
+                     str(out)],
+                    "umoci", [out])
+
     return [("startup", startup), ("raw-to-raw", raw_to_raw),
             ("raw-to-raw-synced", raw_to_raw_synced), ("compare-raw", compare_raw),
             ("raw-to-qcow2", raw_to_qcow2), ("qcow2-to-raw", qcow2_to_raw),
             ("raw-to-qcow2-c", raw_to_qcow2_compressed),
             ("raw-to-qcow2-zstd", raw_to_qcow2_zstd),
             ("raw-to-vmdk-stream", raw_to_stream_vmdk), ("qcow2-to-vhd", qcow2_to_vhd),
-            ("raw-to-vhdx", raw_to_vhdx)]
+            ("raw-to-vhdx", raw_to_vhdx), ("oci-to-docker-archive", oci_to_docker_archive),
+            ("flatten-extract", flatten_extract)]
 
 
 def main() -> None:
@@ -235,7 +303,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="imgbridge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"{'case':<42}{'ours s':>9}{'peer s':>9}{'ratio':>8}{'ours MiB':>10}"
+    print(f"{'case':<60}{'ours s':>9}{'peer s':>9}{'ratio':>8}{'ours MiB':>10}"
           f"{'peer MiB':>10}  peer")
     for name, make in cases(work):
         if args.only and name not in args.only:
@@ -243,7 +311,7 @@ def main() -> None:
         case = make()
         ours_t, ours_rss = measure(case.ours, args.repeat, case.cleanup)
         theirs_t, theirs_rss = measure(case.theirs, args.repeat, case.cleanup)
-        print(f"{case.name:<42}{ours_t:>9.3f}{theirs_t:>9.3f}{ours_t / theirs_t:>8.2f}"
+        print(f"{case.name:<60}{ours_t:>9.3f}{theirs_t:>9.3f}{ours_t / theirs_t:>8.2f}"
               f"{ours_rss / MiB:>10.1f}{theirs_rss / MiB:>10.1f}  {case.peer}", flush=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

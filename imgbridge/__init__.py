@@ -49,6 +49,7 @@ __all__ = [
     "compare",
     "convert",
     "create",
+    "diff",
     "extract",
     "list_files",
     "list_formats",
@@ -62,8 +63,9 @@ __all__ = [
 ]
 
 # Not "formats": that name is the imgbridge.formats subpackage.
-_API = {"allocation_map", "check", "compare", "convert", "create", "extract", "inspect",
-        "inspect_chain", "list_files", "list_formats", "open", "open_disk", "plan", "read_file"}
+_API = {"allocation_map", "check", "compare", "convert", "create", "diff", "extract",
+        "inspect", "inspect_chain", "list_files", "list_formats", "open", "open_disk", "plan",
+        "read_file"}
 
 if TYPE_CHECKING:
     from .api import (
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
         compare,
         convert,
         create,
+        diff,
         extract,
         inspect,
         inspect_chain,

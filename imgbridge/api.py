@@ -20,6 +20,7 @@ from .resolver import CompanionResolver
 from .source import FileSource
 
 if TYPE_CHECKING:
+    from imgbridge.converters.tree_diff import Change
     from imgbridge.converters.tree_to_dir import ExtractReport
 
     from .model.tree import Entry
@@ -31,6 +32,7 @@ __all__ = [
     "compare",
     "convert",
     "create",
+    "diff",
     "extract",
     "list_files",
     "list_formats",
@@ -803,3 +805,59 @@ def extract(
         return extract_tree(entries, out)
     finally:
         _close(img)
+
+
+# ---------------------------------------------------------------------------------------------
+# diff: what changed between two container images' root filesystems.
+
+
+def _open_for_diff(path: str | os.PathLike[str], format: str | None,
+                   platform: str | None) -> Any:
+    """Open ``path`` as a single container image, or say in one line why it cannot be diffed."""
+    from .errors import UnsupportedFeatureError
+
+    name = os.fspath(path)
+    obj = open(name, format, options={"platform": platform} if platform else None)
+    if isinstance(obj, ContainerImage):
+        return obj
+    platforms = getattr(obj, "platforms", None)
+    guessed = getattr(obj, "format_guessed", False)
+    is_disk = isinstance(obj, Disk)
+    _close(obj)
+    if guessed:
+        raise InvalidInputError(f"{name}: not a container image (no format recognises it)")
+    if is_disk:
+        raise UnsupportedFeatureError(
+            f"{name}: diff of disk images needs the filesystem readers of issue #6")
+    if platforms is not None:
+        raise InvalidInputError(
+            f"{name}: holds images for several platforms: "
+            f"{', '.join(str(p) for p in platforms)}", hint="pick one with --platform")
+    raise InvalidInputError(f"{name}: not a container image")
+
+
+def diff(
+    a: str | os.PathLike[str], b: str | os.PathLike[str], *,
+    format_a: str | None = None, format_b: str | None = None, platform: str | None = None,
+) -> list[Change]:
+    """What changed from container image ``a`` to ``b``: their flattened root filesystems
+    compared path by path, as a list of
+    :class:`~imgbridge.converters.tree_diff.Change` (``kind`` ``"A"``, ``"D"`` or ``"M"``),
+    sorted by path. Empty when the trees are the same.
+
+    Entries differ by type, permission bits, owner, link target, device numbers, xattrs or
+    content (sha256, streamed; only files of equal size are read); times are not compared.
+    ``platform`` picks ``os/arch[/variant]`` from multi-platform images, on both sides. Disk
+    images raise ``UnsupportedFeatureError`` until the filesystem readers exist.
+    """
+    from imgbridge.converters.tree_diff import diff_trees
+
+    img_a = _open_for_diff(a, format_a, platform)
+    try:
+        img_b = _open_for_diff(b, format_b, platform)
+        try:
+            return diff_trees(img_a.flatten(), img_b.flatten())
+        finally:
+            _close(img_b)
+    finally:
+        _close(img_a)

@@ -20,7 +20,7 @@ from . import __version__
 from .errors import ImgBridgeError
 
 #: Commands whose error exit code is not 1 (qemu-img compare uses 2: 1 means "different").
-_ERROR_EXIT = {"compare": 2}
+_ERROR_EXIT = {"compare": 2, "diff": 2}
 
 
 def _human_size(n: int) -> str:
@@ -156,7 +156,13 @@ def _print_image_info(info: dict[str, Any], image: str) -> None:
             f"    {i}: {layer['Digest']} {layer['Compression']} "
             f"{_human_size(layer['CompressedSize'])} -> {_human_size(layer['UncompressedSize'])}"
             f", {layer['Files']} entries, {layer['Whiteouts']} whiteouts"
-            + (f", opaque: {' '.join(layer['OpaqueDirs'])}" if layer["OpaqueDirs"] else ""))
+            + (f", opaque: {' '.join(layer['OpaqueDirs'])}" if layer["OpaqueDirs"] else "")
+            + (f", hides {_human_size(layer['wasted'])} of lower layers"
+               if layer.get("wasted") else ""))
+    if "WastedBytes" in info:
+        wasted = info["WastedBytes"]
+        click.echo(f"wasted space: {_human_size(wasted)} ({wasted} bytes stored in lower layers "
+                   "but deleted or replaced above)")
 
 
 def _print_info(info: dict[str, Any], image: str) -> None:
@@ -506,6 +512,35 @@ def extract_cmd(image: str, out: str, layer: int | None, platform: str | None) -
     for line in report.summary():
         click.echo(f"imgbridge: warning: {line}", err=True)
     if report.refused:
+        raise SystemExit(1)
+
+
+@cli.command("diff")
+@click.argument("image_a", type=click.Path())
+@click.argument("image_b", type=click.Path())
+@click.option("-f", "fmt_a", help="The first image's format.")
+@click.option("-F", "fmt_b", help="The second image's format.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of changes.")
+@click.option("--platform", help="Pick this os/arch[/variant] from multi-platform images.")
+def diff_cmd(image_a: str, image_b: str, fmt_a: str | None, fmt_b: str | None,
+             as_json: bool, platform: str | None) -> None:
+    """List what changed from container image IMAGE_A to IMAGE_B: one line per path, "A" added,
+    "D" removed, "M" changed (type, mode, owner, link, device, xattrs or content; times are
+    not compared).
+
+    Both root filesystems are compared flattened; contents by sha256, streamed. Exit 0 when
+    they are the same, 1 when they differ, 2 on error, like diff(1).
+    Example: imgbridge diff oci:old:latest oci:new:latest
+    """
+    from .api import diff
+
+    changes = diff(image_a, image_b, format_a=fmt_a, format_b=fmt_b, platform=platform)
+    if as_json:
+        _echo_json([change.to_json() for change in changes])
+    else:
+        for change in changes:
+            click.echo(change.describe())
+    if changes:
         raise SystemExit(1)
 
 

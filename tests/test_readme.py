@@ -86,7 +86,8 @@ def test_every_command_has_a_readme_example() -> None:
 def test_every_library_entry_point_has_a_readme_example() -> None:
     python = "\n".join(body for lang, body in EXAMPLES if lang == "python")
     for name in ("open", "inspect", "inspect_chain", "convert", "create", "compare", "check",
-                 "allocation_map", "list_formats", "list_files", "read_file", "extract"):
+                 "allocation_map", "list_formats", "list_files", "read_file", "extract",
+                 "diff"):
         assert f"imgbridge.{name}(" in python, name
 
 

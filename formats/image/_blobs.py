@@ -28,9 +28,10 @@ from typing import IO, Any
 
 from imgbridge.errors import InvalidImageError, InvalidInputError, UnsupportedFeatureError
 from imgbridge.model.image import ContainerImage, ImageConfig, ImageIndex, Platform
-from imgbridge.model.tree import EntryType, Layer
+from imgbridge.model.tree import Entry, EntryType, Layer
 from imgbridge.source import ByteSource
 
+from ...converters.layer_waste import WasteCounter
 from ..fs.tar import read_tar
 
 __all__ = [
@@ -361,29 +362,50 @@ class StoredImage(ContainerImage):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def layer_stats(self, index: int) -> dict[str, Any]:
-        """Verify layer ``index`` and count what is in it."""
+    def layer_stats(self, index: int, waste: WasteCounter | None = None) -> dict[str, Any]:
+        """Verify layer ``index`` and count what is in it. With ``waste`` (fed every lower
+        layer already), also the bytes this layer hides from lower ones (``wasted``), in the
+        same pass over the layer's headers."""
         blob = self.blobs[index]
         files = whiteouts = 0
         opaque: list[str] = []
-        for entry in self.layers[index].iter_entries():
-            if entry.type is EntryType.WHITEOUT:
-                whiteouts += 1
-            elif entry.type is EntryType.OPAQUE:
-                opaque.append("/" + entry.path)
-            else:
-                files += 1
-        return {"Digest": blob.digest, "DiffID": blob.diff_id,
-                "MIMEType": blob.desc.media_type if blob.desc else None,
-                "Compression": blob.compression, "CompressedSize": blob.compressed_size,
-                "UncompressedSize": blob.uncompressed_size, "Files": files,
-                "Whiteouts": whiteouts, "OpaqueDirs": opaque}
+
+        def counted() -> Iterator[Entry]:
+            nonlocal files, whiteouts
+            for entry in self.layers[index].iter_entries():
+                if entry.type is EntryType.WHITEOUT:
+                    whiteouts += 1
+                elif entry.type is EntryType.OPAQUE:
+                    opaque.append("/" + entry.path)
+                else:
+                    files += 1
+                yield entry
+
+        if waste is None:
+            for _ in counted():
+                pass
+            wasted = None
+        else:
+            wasted = waste.add_layer(counted())
+        stats = {"Digest": blob.digest, "DiffID": blob.diff_id,
+                 "MIMEType": blob.desc.media_type if blob.desc else None,
+                 "Compression": blob.compression, "CompressedSize": blob.compressed_size,
+                 "UncompressedSize": blob.uncompressed_size, "Files": files,
+                 "Whiteouts": whiteouts, "OpaqueDirs": opaque}
+        if wasted is not None:
+            stats["wasted"] = wasted
+        return stats
 
     def info(self) -> dict[str, Any]:
-        """skopeo inspect's fields, plus config, history and verified per-layer facts."""
+        """skopeo inspect's fields, plus config, history and verified per-layer facts.
+
+        ``WastedBytes`` (and each layer's ``wasted``) are the bytes lower layers store that
+        upper layers delete or replace; see ``imgbridge.converters.layer_waste``.
+        """
         cfg = self.config
         docker = self.format_name == "docker-archive"
-        stats = [self.layer_stats(i) for i in range(len(self.layers))]
+        waste = WasteCounter()
+        stats = [self.layer_stats(i, waste) for i in range(len(self.layers))]
         out: dict[str, Any] = {
             "format": self.format_name,
             # skopeo shows Name and RepoTags only for Docker names; an OCI ref name is not one.
@@ -415,6 +437,7 @@ class StoredImage(ContainerImage):
             {"created": h.created, "created_by": h.created_by, "author": h.author,
              "comment": h.comment, "empty_layer": h.empty_layer} for h in cfg.history]
         out["LayerDetails"] = stats
+        out["WastedBytes"] = waste.total
         out["Annotations"] = dict(self.annotations)
         return out
 

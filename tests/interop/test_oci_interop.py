@@ -258,3 +258,16 @@ def test_umoci_unpacks_our_docker_archive_via_skopeo(built: dict[str, Path],
     bundle = layout.parent / "bundle-from-docker"
     run_tool("umoci", "unpack", "--rootless", "--image", f"{layout}:t", bundle)
     assert _walk(bundle / "rootfs") == _walk(built["rootfs"])
+
+
+@pytest.mark.parametrize("name", sorted(REFS))
+def test_diff_finds_no_change_across_skopeo_copies(built: dict[str, Path], name: str) -> None:
+    # skopeo re-encodes (zstd, docker-archive's plain tars) but the trees must stay equal.
+    assert imgbridge.diff(REFS["oci"].format(built["oci"]), REFS[name].format(built[name])) == []
+
+
+def test_wasted_space_of_a_umoci_image(built: dict[str, Path]) -> None:
+    # umoci's second layer whites out etc/gone ("bye\n"); nothing else is hidden.
+    info = imgbridge.inspect(REFS["oci"].format(built["oci"]))
+    assert [layer["wasted"] for layer in info["LayerDetails"]] == [0, 4, 0]
+    assert info["WastedBytes"] == 4
