@@ -128,6 +128,8 @@ MIN_CLUSTER_BITS = 9
 MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
+#: QEMU refuses a snapshot table larger than this (ids and names are up to 64 KiB each).
+MAX_SNAPSHOT_TABLE_BYTES = 64 << 20
 MAX_SNAPSHOT_EXTRA = 1024
 MAX_BACKING_NAME = 1023
 MAX_BITMAPS = 65535

@@ -1208,7 +1208,9 @@ class _Writer(ByteSource):
         return os.fstat(self.fd).st_size
 
     def read_at(self, offset: int, n: int) -> bytes:
-        if n <= 0:
+        # Past the end reads as nothing, as FileSource does (an offset a damaged table gives
+        # may be too large for pread itself).
+        if n <= 0 or offset >= self.size:
             return b""
         parts: list[bytes] = []
         while n > 0:

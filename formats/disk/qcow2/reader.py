@@ -55,11 +55,23 @@ class Qcow2Disk(Disk):
                 raise MissingCompanionError(f"{self.path}: the image uses an external data file "
                                             "but does not name it")
             self.data_source = resolver.open_source(self.data_file_name, "external data file")
+        try:
+            self._open_rest(resolver, options)
+        except BaseException:
+            if self.data_source is not source:  # the opener closes only the image itself
+                self.data_source.close()
+            raise
+
+    def _open_rest(self, resolver: CompanionResolver, options: Mapping[str, str]) -> None:
+        source, h = self.host_source, self.header
         self.backing_name = read_backing_name(source, h)
         self.backing_format = self.extensions.backing_format
         self._l2_cache: OrderedDict[int, array.array[int]] = OrderedDict()
         self._l2_cache_max = max(4, L2_CACHE_BYTES // h.cluster_size)
         self._decompressor = _decompressor_for(h.compression_type)
+        #: The last compressed cluster inflated (its L2 entry, its bytes): small reads inside
+        #: one cluster inflate it once.
+        self._inflated: tuple[int, bytes] = (0, b"")
         snapshot = options.get("snapshot")
         if snapshot is not None:
             self._select_snapshot(snapshot)
@@ -237,6 +249,9 @@ class Qcow2Disk(Disk):
                 continue
             host = entry & S.L2E_OFFSET_MASK
             allocated = bool(host) or (external and bool(entry & S.L2E_COPIED))
+            if entry & S.L2E_ZERO and not version3:  # QEMU refuses to read it too
+                raise _bad(f"zero flag in the L2 entry for guest offset {guest:#x} of a "
+                           "version 2 image", self.path)
             if allocated and host % cs:
                 raise _bad(f"data cluster offset {host:#x} for guest offset {guest:#x} is not "
                            "cluster-aligned", self.path)
@@ -268,6 +283,8 @@ class Qcow2Disk(Disk):
         return data
 
     def _read_compressed(self, entry: int, guest: int) -> bytes:
+        if self._inflated[0] == entry:
+            return self._inflated[1]
         host, length = S.decode_compressed(entry, self.header.cluster_bits)
         raw = self.host_source.read_at(host, length)
         try:
@@ -279,6 +296,7 @@ class Qcow2Disk(Disk):
             got = "more than" if len(data) > self.cluster_size else f"{len(data)} bytes, not"
             raise _bad(f"compressed cluster for guest offset {guest:#x} gives {got} "
                        f"{self.cluster_size} bytes", self.path, host)
+        self._inflated = (entry, data)
         return data
 
     # ---- description ------------------------------------------------------------------------
@@ -524,6 +542,9 @@ def read_snapshots(source: ByteSource, h: S.Header) -> list[S.Snapshot]:
         if fixed.extra_data_size > S.MAX_SNAPSHOT_EXTRA:
             raise _bad("snapshot extra data is too large", source.name, pos)
         var_len = fixed.extra_data_size + fixed.id_str_size + fixed.name_size
+        if S.pad8(pos + S.SNAPSHOT_FIXED_SIZE + var_len) - h.snapshots_offset > \
+                S.MAX_SNAPSHOT_TABLE_BYTES:
+            raise _bad("snapshot table exceeds QEMU's 64 MiB limit", source.name, pos)
         var = read_exact(source, pos + S.SNAPSHOT_FIXED_SIZE, var_len, what="snapshot entry")
         extra = var[:fixed.extra_data_size]
         ident = var[fixed.extra_data_size:fixed.extra_data_size + fixed.id_str_size]

@@ -255,6 +255,20 @@ def test_refcount_block_offset_not_aligned_is_an_error(cli: Cli, image: Layout) 
     assert check_json(cli, image.path)[0] == 0
 
 
+def test_refcount_block_beyond_any_file_offset_is_repaired(cli: Cli, image: Layout) -> None:
+    """Bit 63 is part of a refcount table entry's offset: a flipped bit there points past
+    anything a file can hold. The check reads such a block as zeros (past the end of the
+    file); the repair, which reads through its own descriptor, must do the same instead of
+    failing with an internal error."""
+    image.patch(image.cs, struct.pack(">Q", 1 << 63 | 2 * image.cs))
+    code, report, err = check_json(cli, image.path)
+    assert code == 2 and report["corruptions"] > 0, err
+    assert "ERROR refcount block 0 is outside image" in err
+    code, report, err = check_json(cli, image.path, "-r", "all")
+    assert code == 0 and "internal error" not in err, err
+    assert check_json(cli, image.path)[0] == 0
+
+
 # ---- never written without -r ------------------------------------------------------------------
 
 def test_check_without_repair_never_writes(cli: Cli, image: Layout) -> None:

@@ -9,6 +9,7 @@ test time (LUKS encryption, zlib compression) say so through require_tool.
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import tracemalloc
@@ -246,6 +247,29 @@ def _zlib_garbage(tmp: Path) -> Path:
     return patch(path, entries[-1] & ((1 << 58) - 1), b"\xff" * 600)
 
 
+def _v2_zero_flag(tmp: Path) -> Path:
+    """A version 2 image whose L2 entry carries the zero flag, which only v3 defines: QEMU
+    refuses to read it ("Zero cluster entry found in pre-v3 image"), it does not read data."""
+    path = patch_field(_small(tmp), VERSION, "I", 2)  # bytes 72.. are zero: no extensions
+    at, entry = l2_entries(path)[0]
+    return patch_field(path, at, "Q", entry | 1)
+
+
+def _snapshot_table_too_big(tmp: Path) -> Path:
+    """520 snapshot entries, each naming itself with 2 x 65535 bytes: 68 MB of table in a
+    sparse file. QEMU refuses a table over 64 MiB ("Snapshot table is too big"); 65536 such
+    entries would otherwise be 8.6 GB of names read and held."""
+    path = _small(tmp)
+    count, at, step = 520, MiB, (40 + 2 * 65535 + 7) & ~7
+    with open(path, "r+b") as f:
+        for i in range(count):
+            f.seek(at + i * step)
+            f.write(struct.pack(">QIHHIIQII", 0, 0, 65535, 65535, 0, 0, 0, 0, 0))
+        f.truncate(at + count * step)
+    patch_field(path, SNAPSHOTS_OFFSET, "Q", at)
+    return patch_field(path, NB_SNAPSHOTS, "I", count)
+
+
 CASES: dict[str, Hostile] = {
     "header-cut": Hostile(lambda t: cut(_small(t), 50), InvalidImageError, "truncated"),
     "v3-header-cut": Hostile(lambda t: cut(_small(t), 90), InvalidImageError, "truncated"),
@@ -277,6 +301,9 @@ CASES: dict[str, Hostile] = {
     "nb-snapshots-huge": Hostile(
         lambda t: patch_field(_small(t), NB_SNAPSHOTS, "I", 0xFFFF_FFFF),
         InvalidImageError, "snapshots exceed"),
+    "snapshot-table-too-big": Hostile(_snapshot_table_too_big, InvalidImageError,
+                                      "snapshot table"),
+    "v2-zero-flag": Hostile(_v2_zero_flag, InvalidImageError, "zero flag", stage="map"),
     "snapshot-table-past-eof": Hostile(
         lambda t: patch_field(patch_field(_small(t), NB_SNAPSHOTS, "I", 65536),
                               SNAPSHOTS_OFFSET, "Q", 1 << 30),
@@ -475,3 +502,38 @@ def test_every_fixture_reads_as_small_raw(tmp_path: Path) -> None:
         with imgbridge.open(FIXTURES / name) as disk:
             assert disk.read_at(0, disk.size) == expected, name
             assert disk.read_at(64 * 1024 - 3, 6) == b"\0\0\0\x5a\x5a\x5a"
+
+
+def test_a_compressed_cluster_read_in_pieces_is_inflated_once() -> None:
+    """Small reads (a filesystem reader's 512-byte blocks) inside one compressed cluster must
+    not inflate the whole cluster again for every piece."""
+    expected = (FIXTURES / "small.raw").read_bytes()
+    with imgbridge.open(FIXTURES / "compressed-zstd.qcow2", "qcow2") as disk:
+        run = next(r for r in disk.layer_runs() if r.token is not None)
+        calls: list[int] = []
+        inflate = disk._decompressor
+
+        def counting(raw: bytes, size: int) -> bytes:
+            calls.append(size)
+            return inflate(raw, size)
+
+        disk._decompressor = counting
+        pieces = [disk.read_at(at, 512) for at in range(run.offset, run.offset + run.length, 512)]
+    assert b"".join(pieces) == expected[run.offset:run.offset + run.length]
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc")
+def test_a_refused_open_closes_the_data_file(tmp_path: Path) -> None:
+    """The external data file is opened before the backing file; when the backing file is
+    refused, the data file must not stay open."""
+    top, base = chain_copy(tmp_path)
+    base.unlink()
+    extensions(top, (EXT_DATA_FILE, b"top.data"))
+    patch_field(top, INCOMPATIBLE, "Q", 1 << 2)
+    (tmp_path / "top.data").write_bytes(bytes(4096))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(MissingCompanionError):
+            imgbridge.open(top, "qcow2")
+    assert len(os.listdir("/proc/self/fd")) == before
