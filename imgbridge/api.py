@@ -778,9 +778,16 @@ def read_file(
     return chunks()
 
 
+def _is_tar_out(out: str | os.PathLike[str]) -> bool:
+    """``extract`` writes a tar stream (not a directory) to ``-`` and to names ending in
+    ``.tar``."""
+    name = os.fspath(out)
+    return name == "-" or name.endswith(".tar")
+
+
 def extract(
     image: str | os.PathLike[str], out: str | os.PathLike[str], *, layer: int | None = None,
-    platform: str | None = None,
+    platform: str | None = None, sync: bool = True,
 ) -> ExtractReport:
     """Write a container image's root filesystem (or, with ``layer=N``, one layer's own
     entries) into the directory ``out``, which must not exist yet or be empty.
@@ -791,19 +798,48 @@ def extract(
     kept; owners and device nodes only when running as root. The returned
     :class:`~imgbridge.converters.tree_to_dir.ExtractReport` lists what was refused or could
     not be reproduced; ``report.summary()`` says it in a line per kind.
+
+    When ``out`` ends in ``.tar`` (or is ``-``, standard output) the tree is written as a
+    PAX tar stream instead, whoever runs us: entries sorted (a layer's in its own order,
+    whiteouts as ``.wh.`` files), owners, device nodes, xattrs and nanosecond mtimes in the
+    headers, hardlinks as links; no root entry, and sockets (which a tar cannot hold) are
+    listed in ``report.devices``. The file appears only when complete (written beside it,
+    flushed unless ``sync=False``, and renamed); the same image gives byte-identical tars.
     """
     from imgbridge.converters.tree_to_dir import extract_tree, prepare_out
 
-    img = _open_image(image, platform)
+    to_tar = _is_tar_out(out)
+    output: AtomicOutput | StreamOutput | None = None
+    if to_tar:
+        # Checked before the image is opened, so a bad OUT costs nothing.
+        output = (StreamOutput(sys.stdout.buffer) if os.fspath(out) == "-"
+                  else AtomicOutput(os.fspath(out), sync=sync))
+    try:
+        img = _open_image(image, platform)
+    except BaseException:
+        if output is not None:
+            output.abort()
+        raise
     try:
         if layer is None:
-            prepare_out(os.fspath(out))  # refuse a non-empty OUT before flattening a big image
+            if not to_tar:
+                prepare_out(os.fspath(out))  # refuse a non-empty OUT before flattening
             entries: Iterable[Entry] = img.flatten()
         else:
             _tree(img, layer)  # check the layer number
             entries = img.layers[layer].iter_entries()  # streamed in archive order
-        return extract_tree(entries, out)
+        if output is None:
+            return extract_tree(entries, out)
+        from imgbridge.converters.tree_to_tar import write_tree_tar
+
+        with output:
+            with output.open_sequential() as stream:
+                report: ExtractReport = write_tree_tar(entries, stream)
+            output.commit()
+        return report
     finally:
+        if output is not None:
+            output.abort()
         _close(img)
 
 

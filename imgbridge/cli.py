@@ -497,18 +497,24 @@ def cat_cmd(image: str, path: str, layer: int | None, platform: str | None) -> N
 @click.option("--layer", type=int, help="Extract layer N's own entries (0 is the lowest) "
                                         "instead of the flattened tree.")
 @click.option("--platform", help="Pick this os/arch[/variant] from a multi-platform image.")
-def extract_cmd(image: str, out: str, layer: int | None, platform: str | None) -> None:
+@click.option("--no-sync", is_flag=True, help="With a .tar OUT: skip the final flush.")
+def extract_cmd(image: str, out: str, layer: int | None, platform: str | None,
+                no_sync: bool) -> None:
     """Write a container image's root filesystem into the directory OUT.
 
     OUT must not exist or be empty. Nothing is written outside OUT: symlinks are created as
     they are but never followed. What the host cannot reproduce (owners and device nodes
     when not root, refused xattrs) is listed on stderr, one line per kind; entries refused
     as unsafe make the exit code 1.
+
+    An OUT ending in .tar (or -, standard output) gets a sorted tar stream instead, with
+    owners, device nodes, xattrs and nanosecond times kept whoever runs it; the file
+    appears only when complete.
     Example: imgbridge extract oci:image:latest rootfs
     """
     from .api import extract
 
-    report = extract(image, out, layer=layer, platform=platform)
+    report = extract(image, out, layer=layer, platform=platform, sync=not no_sync)
     for line in report.summary():
         click.echo(f"imgbridge: warning: {line}", err=True)
     if report.refused:
