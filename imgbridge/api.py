@@ -178,7 +178,9 @@ def inspect(
     obj = open(path, format, allow_outside=allow_outside, options=options)
     try:
         if isinstance(obj, Disk):
-            return obj.info()
+            disk_info = obj.info()
+            disk_info.update(_partition_info(obj))
+            return disk_info
         info = getattr(obj, "info", None)
         if callable(info):
             result: dict[str, Any] = info()
@@ -186,6 +188,28 @@ def inspect(
         raise InvalidInputError(f"{os.fspath(path)}: nothing to inspect")
     finally:
         _close(obj)
+
+
+def _partition_info(disk: Disk) -> dict[str, Any]:
+    """``partitions`` when the disk holds a partition table; a damaged table never fails
+    inspect: it is reported as ``partition-table-error`` (and a damaged primary GPT read from
+    its backup as ``partition-table-warnings``)."""
+    import warnings
+
+    from imgbridge.formats.volume.table import read_partitions
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            table = read_partitions(disk)
+    except ImgBridgeError as exc:
+        return {"partition-table-error": str(exc)}
+    out: dict[str, Any] = {}
+    if table is not None:
+        out["partitions"] = table.to_json()
+    if caught:
+        out["partition-table-warnings"] = [str(w.message) for w in caught]
+    return out
 
 
 def inspect_chain(

@@ -197,6 +197,19 @@ def _print_info(info: dict[str, Any], image: str) -> None:
         click.echo("Format specific information:")
         for key, value in specific.get("data", {}).items():
             click.echo(f"    {key}: {value}")
+    table = info.get("partitions")
+    if table:
+        label = table.get("uuid") or table.get("label-id")
+        click.echo(f"partition table: {table['type']} ({label})")
+        for part in table["partitions"]:
+            kind = part["type-name"] or part["type"]
+            click.echo(f"    {part['number']:>3}  start {part['start']:<14} "
+                       f"size {_human_size(part['size']):<10} {kind}"
+                       + (f"  '{part['name']}'" if part.get("name") else ""))
+    for warning in info.get("partition-table-warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    if info.get("partition-table-error"):
+        click.echo(f"partition table: unreadable ({info['partition-table-error']})")
     if info.get("format-guessed"):
         click.echo("note: no format recognised this file; it reads as raw", err=True)
 
