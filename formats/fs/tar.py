@@ -138,13 +138,30 @@ def read_tar(source: ByteSource) -> Iterator[Entry]:
     archive or a hostile member name; ``UnsupportedFeatureError`` for member types the model
     has no place for (GNU sparse files, volume headers).
     """
+    if source.size == 0:
+        return  # an empty layer: some tools write a zero-byte blob
+    for info in iter_members(source, MAX_MEMBERS):
+        try:
+            yield decode_whiteout(_entry(info, source))
+        except InvalidImageError as exc:
+            if exc.path is None:
+                exc.path = source.name
+            raise
+
+
+def iter_members(source: ByteSource, max_members: int) -> Iterator[tarfile.TarInfo]:
+    """The member headers of the tar archive in ``source``, as real tools write archives.
+
+    An archive may end inside the last member's padding, with no end-of-archive blocks
+    (umoci 0.4.7's ``insert``): once the headers reach the end of the data, that is the end,
+    not damage (callers check each member's data lies inside the source). Memory stays
+    bounded: tarfile's list of every member is dropped as we go.
+    """
     fileobj = source.as_fileobj()  # closed in the finally below, after the generator ends
     try:
         try:
             archive = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115
         except tarfile.ReadError as exc:
-            if source.size == 0:
-                return  # an empty layer: some tools write a zero-byte blob
             raise InvalidImageError(f"not a tar archive ({exc})", path=source.name) from None
         count = 0
         while True:
@@ -152,25 +169,16 @@ def read_tar(source: ByteSource) -> Iterator[Entry]:
                 info = archive.next()
             except tarfile.TarError as exc:
                 if archive.offset >= source.size:
-                    # The archive ends inside the last member's padding (no end-of-archive
-                    # blocks, no final padding: umoci 0.4.7 insert). Its data was complete,
-                    # which _entry checked, so this is the end, not damage.
                     return
                 raise InvalidImageError(f"malformed tar archive: {exc}", path=source.name,
                                         offset=archive.offset) from None
             if info is None:
                 return
             count += 1
-            if count > MAX_MEMBERS:
-                raise InvalidImageError(f"more than {MAX_MEMBERS} members in one archive",
+            if count > max_members:
+                raise InvalidImageError(f"more than {max_members} members in one archive",
                                         path=source.name)
-            try:
-                yield decode_whiteout(_entry(info, source))
-            except InvalidImageError as exc:
-                if exc.path is None:
-                    exc.path = source.name
-                raise
-            # tarfile keeps every TarInfo in ``members``; drop them so memory stays bounded.
+            yield info
             archive.members.clear()  # type: ignore[attr-defined]
     finally:
         fileobj.close()

@@ -9,7 +9,8 @@ the archive only, a bounded number of times.
 from __future__ import annotations
 
 import posixpath
-import tarfile
+
+from imgbridge.formats.fs.tar import iter_members
 
 from imgbridge.errors import InvalidImageError
 from imgbridge.model.tree import normalize_path
@@ -29,45 +30,22 @@ class TarBlobStore(BlobStore):
         self.name = source.name
         self.files: dict[str, tuple[int, int]] = {}
         self.links: dict[str, str] = {}
-        fileobj = source.as_fileobj()
-        try:
+        for info in iter_members(source, MAX_ARCHIVE_MEMBERS):
             try:
-                archive = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115
-            except tarfile.ReadError as exc:
-                raise InvalidImageError(f"not a tar archive ({exc})", path=self.name) from None
-            count = 0
-            while True:
-                try:
-                    info = archive.next()
-                except tarfile.TarError as exc:
-                    if archive.offset >= source.size:
-                        break  # no end-of-archive blocks after complete members
-                    raise InvalidImageError(f"malformed tar archive: {exc}",
-                                            path=self.name) from None
-                if info is None:
-                    break
-                count += 1
-                if count > MAX_ARCHIVE_MEMBERS:
-                    raise InvalidImageError(f"more than {MAX_ARCHIVE_MEMBERS} members",
+                name = normalize_path(info.name)
+            except InvalidImageError:
+                raise InvalidImageError(f"member {info.name!r} climbs out of the archive",
+                                        path=self.name) from None
+            if info.isreg():
+                if info.offset_data + info.size > source.size:
+                    raise InvalidImageError(f"member {info.name!r} is truncated",
                                             path=self.name)
-                archive.members.clear()  # type: ignore[attr-defined]
-                try:
-                    name = normalize_path(info.name)
-                except InvalidImageError:
-                    raise InvalidImageError(f"member {info.name!r} climbs out of the archive",
-                                            path=self.name) from None
-                if info.isreg():
-                    if info.offset_data + info.size > source.size:
-                        raise InvalidImageError(f"member {info.name!r} is truncated",
-                                                path=self.name)
-                    self.files[name] = (info.offset_data, info.size)
-                    self.links.pop(name, None)
-                elif info.issym():
-                    self.links[name] = posixpath.join(posixpath.dirname(name), info.linkname)
-                elif info.islnk():
-                    self.links[name] = info.linkname
-        finally:
-            fileobj.close()
+                self.files[name] = (info.offset_data, info.size)
+                self.links.pop(name, None)
+            elif info.issym():
+                self.links[name] = posixpath.join(posixpath.dirname(name), info.linkname)
+            elif info.islnk():
+                self.links[name] = info.linkname
 
     def has(self, name: str) -> bool:
         return name in self.files or name in self.links
