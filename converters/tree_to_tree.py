@@ -19,7 +19,8 @@ writer over the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, BinaryIO
 
@@ -203,6 +204,18 @@ def _option_level(options: Mapping[str, str]) -> int | None:
         return int(text)
     except ValueError:
         raise InvalidInputError(f"level={text!r} is not a whole number") from None
+
+
+@contextmanager
+def prepared(obj: Any, target: str, options: Mapping[str, str]) -> Iterator[WritableImage]:
+    """``prepare`` for a writer's ``create``: the staged layers are released afterwards,
+    whether the write succeeded or not."""
+    image = prepare(obj, target, options)
+    try:
+        yield image
+    finally:
+        if image is not obj:
+            image.release()
 
 
 def prepare(obj: Any, target: str, options: Mapping[str, str], *,

@@ -46,6 +46,7 @@ from ..fs.tar import PAX_XATTR_PREFIX
 from ._blobs import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, REF_NAME, _SpoolSource
 
 __all__ = [
+    "IMAGE_CREATE_OPTIONS",
     "COMPRESSIONS",
     "OutLayer",
     "ReadyBlob",
@@ -60,6 +61,13 @@ __all__ = [
     "write_oci_archive",
     "write_oci_layout",
 ]
+
+#: The ``-o`` options every image writer takes (docker-archive words ``compression`` its way).
+IMAGE_CREATE_OPTIONS = {
+    "compression": "re-encode every layer: none, gzip (ISA-L, mtime 0) or zstd "
+                   "(default: layers kept as stored)",
+    "level": "compression level: gzip 0-3 (ISA-L's scale, default 2), zstd 1-19 (default 3)",
+}
 
 COMPRESSIONS = ("none", "gzip", "zstd")
 #: ISA-L's gzip levels (0 fastest .. 3 smallest); 2 is its default, about zlib's 6 in size.

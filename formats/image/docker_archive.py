@@ -39,7 +39,7 @@ from ._blobs import (
     check_digest,
     read_json,
 )
-from ._write import write_docker_archive
+from ._write import IMAGE_CREATE_OPTIONS, write_docker_archive
 
 OPEN_OPTIONS = {"ref": "a RepoTag, or @N for the Nth image", "platform": "os/arch[/variant]"}
 
@@ -164,21 +164,17 @@ def open(source: ByteSource | None, resolver: CompanionResolver,
 # -- writing ----------------------------------------------------------------------------------
 
 CREATE_OPTIONS = {
+    **IMAGE_CREATE_OPTIONS,
     "compression": "re-encode every layer: none or gzip (ISA-L, mtime 0) "
                    "(default: none, as docker save writes; zstd is refused: docker load "
                    "cannot read it)",
-    "level": "compression level: gzip 0-3 (ISA-L's scale, default 2), zstd 1-19 (default 3)",
 }
 
 
 def create(out: Any, obj: Any, options: Mapping[str, str], progress: ProgressFn) -> None:
     """Write ``obj`` (a ContainerImage, or a WritableImage from converters.tree_to_tree)."""
-    from imgbridge.converters.tree_to_tree import prepare
+    # Imported here: the converters build on this package, not the other way round.
+    from imgbridge.converters.tree_to_tree import prepared
 
-    image = prepare(obj, "docker-archive", options)
-    try:
-        with out.open_sequential() as f:
-            write_docker_archive(f, image, progress)
-    finally:
-        if image is not obj:
-            image.release()
+    with prepared(obj, "docker-archive", options) as image, out.open_sequential() as f:
+        write_docker_archive(f, image, progress)

@@ -21,7 +21,7 @@ from imgbridge.source import ByteSource
 
 from ._archive import TarBlobStore, tar_member_names
 from ._blobs import StoredImage, StoredIndex, read_json
-from ._write import write_oci_archive
+from ._write import IMAGE_CREATE_OPTIONS, write_oci_archive
 from .oci_layout import OPEN_OPTIONS, open_layout
 
 __all__ = ["CREATE_OPTIONS", "OPEN_OPTIONS", "create", "open", "probe", "open_archive_store"]
@@ -67,21 +67,13 @@ def open(source: ByteSource | None, resolver: CompanionResolver,
 
 # -- writing ----------------------------------------------------------------------------------
 
-CREATE_OPTIONS = {
-    "compression": "re-encode every layer: none, gzip (ISA-L, mtime 0) or zstd "
-                   "(default: layers kept as stored)",
-    "level": "compression level: gzip 0-3 (ISA-L's scale, default 2), zstd 1-19 (default 3)",
-}
+CREATE_OPTIONS = IMAGE_CREATE_OPTIONS
 
 
 def create(out: Any, obj: Any, options: Mapping[str, str], progress: ProgressFn) -> None:
     """Write ``obj`` (a ContainerImage, or a WritableImage from converters.tree_to_tree)."""
-    from imgbridge.converters.tree_to_tree import prepare
+    # Imported here: the converters build on this package, not the other way round.
+    from imgbridge.converters.tree_to_tree import prepared
 
-    image = prepare(obj, "oci-archive", options)
-    try:
-        with out.open_sequential() as f:
-            write_oci_archive(f, image, progress)
-    finally:
-        if image is not obj:
-            image.release()
+    with prepared(obj, "oci-archive", options) as image, out.open_sequential() as f:
+        write_oci_archive(f, image, progress)

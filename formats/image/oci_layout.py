@@ -32,7 +32,7 @@ from ._blobs import (
     parse_index,
     read_json,
 )
-from ._write import write_oci_layout
+from ._write import IMAGE_CREATE_OPTIONS, write_oci_layout
 
 OPEN_OPTIONS = {"ref": "the image's ref name in index.json", "platform": "os/arch[/variant]"}
 
@@ -128,23 +128,16 @@ def open(source: ByteSource | None, resolver: CompanionResolver,
 
 # -- writing ----------------------------------------------------------------------------------
 
-CREATE_OPTIONS = {
-    "compression": "re-encode every layer: none, gzip (ISA-L, mtime 0) or zstd "
-                   "(default: layers kept as stored)",
-    "level": "compression level: gzip 0-3 (ISA-L's scale, default 2), zstd 1-19 (default 3)",
-}
+CREATE_OPTIONS = IMAGE_CREATE_OPTIONS
 
 
 def create(out: Any, obj: Any, options: Mapping[str, str], progress: ProgressFn) -> None:
     """Write ``obj`` (a ContainerImage, or a WritableImage from converters.tree_to_tree)."""
-    from imgbridge.converters.tree_to_tree import prepare
+    # Imported here: the converters build on this package, not the other way round.
+    from imgbridge.converters.tree_to_tree import prepared
 
-    image = prepare(obj, "oci", options)
-    try:
-        if not getattr(out, "is_directory", False):
-            raise UnsupportedFeatureError(
-                "an OCI layout is a folder: open the output with AtomicOutput(directory=True)")
+    if not getattr(out, "is_directory", False):
+        raise UnsupportedFeatureError(
+            "an OCI layout is a folder: open the output with AtomicOutput(directory=True)")
+    with prepared(obj, "oci", options) as image:
         write_oci_layout(out.path, image, progress)
-    finally:
-        if image is not obj:
-            image.release()
