@@ -253,6 +253,8 @@ class Snapshot:
     disk_size: int | None
     icount: int | None = None
     extra: bytes = field(default=b"", repr=False)
+    #: Bytes of the table entry without its padding (fixed part, extra data, id, name).
+    entry_size: int = 0
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {}

@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any
 from imgbridge.concurrency import pwrite_all
 from imgbridge.errors import InvalidImageError, InvalidInputError
 from imgbridge.model.disk import CheckReport
-from imgbridge.source import ByteSource, read_exact
+from imgbridge.source import ByteSource
 
 from . import _structs as S
-from .reader import parse_header, read_extensions
+from .reader import parse_header, read_extensions, read_snapshots
 
 if TYPE_CHECKING:
     from .reader import Qcow2Disk
@@ -342,32 +342,14 @@ class _Image:
 
 def _read_snapshot_table(source: ByteSource, h: S.Header) -> tuple[list[_SnapshotEntry], int]:
     """The snapshot entries' L1 tables and the table's byte size (without the last entry's
-    padding, which is how qemu-img sizes it when it counts the table's clusters).
-
-    Read through a window of 1 MiB and parsed with ``struct``: 65536 entries take a moment.
-    """
-    fixed = struct.Struct(S.SNAPSHOT_FIXED_FORMAT)
-    entries: list[_SnapshotEntry] = []
-    pos = end = h.snapshots_offset
-    window, window_at = b"", pos
-    for i in range(h.nb_snapshots):
-        if pos + fixed.size > window_at + len(window):
-            window, window_at = source.read_at(pos, 1 << 20), pos
-        if pos + fixed.size > window_at + len(window):
-            raise _bad("truncated: the snapshot table runs past the end of the file",
-                       source.name, pos)
-        (l1_offset, l1_size, id_size, name_size, _, _, _, _,
-         extra_size) = fixed.unpack_from(window, pos - window_at)
-        names_at = pos + fixed.size + extra_size
-        names = read_exact(source, names_at, id_size + name_size, what="snapshot entry") \
-            if names_at + id_size + name_size > window_at + len(window) \
-            else window[names_at - window_at:names_at - window_at + id_size + name_size]
-        entries.append(_SnapshotEntry(
-            i, names[:id_size].decode("utf-8", "replace"),
-            names[id_size:].decode("utf-8", "replace"), l1_offset, l1_size, extra_size))
-        end = names_at + id_size + name_size
-        pos = h.snapshots_offset + S.pad8(end - h.snapshots_offset)
-    return entries, end - h.snapshots_offset
+    padding, which is how qemu-img sizes it when it counts the table's clusters)."""
+    snapshots = read_snapshots(source, h)
+    entries = [_SnapshotEntry(i, sn.id, sn.name, sn.l1_table_offset, sn.l1_size, len(sn.extra))
+               for i, sn in enumerate(snapshots)]
+    size = sum(S.pad8(sn.entry_size) for sn in snapshots[:-1])
+    if snapshots:
+        size += snapshots[-1].entry_size
+    return entries, size
 
 
 class _StoredRefcounts:
