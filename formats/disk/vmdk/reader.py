@@ -41,7 +41,8 @@ from .descriptor import Descriptor, DescriptorError, ExtentLine, decode, parse
 
 __all__ = ["FlatExtent", "SparseExtent", "VmdkDisk", "ZeroExtent", "parse_header"]
 
-#: Grain tables kept in memory per sparse extent (2 KiB each): 8192 tables map 256 GiB.
+#: Grain tables kept in memory per disk, whatever its number of extents (2 KiB each): 8192
+#: tables map 256 GiB of 64 KiB grains.
 GT_CACHE_TABLES = 8192
 #: When a delta's parentCID differs from its parent's CID, this open option reads it anyway.
 IGNORE_CID = "ignore_cid"
@@ -249,13 +250,39 @@ class FlatExtent(Extent):
         self._file.close()
 
 
+class GrainTableCache:
+    """The grain tables a disk keeps in memory, shared by all its sparse extents so that a
+    disk split into thousands of extents holds GT_CACHE_TABLES tables at most, not that many
+    per extent. Thread-safe: a converter may ask for block status while another thread
+    reads."""
+
+    def __init__(self, capacity: int = GT_CACHE_TABLES) -> None:
+        self._tables: OrderedDict[tuple[int, int], array.array[int]] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> array.array[int] | None:
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None:
+                self._tables.move_to_end(key)
+            return table
+
+    def put(self, key: tuple[int, int], table: array.array[int]) -> None:
+        with self._lock:
+            self._tables[key] = table
+            if len(self._tables) > self._capacity:
+                self._tables.popitem(last=False)
+
+
 class SparseExtent(Extent):
     """A hosted sparse extent (monolithicSparse, twoGbMaxExtentSparse, streamOptimized)."""
 
     kind = S.EXTENT_SPARSE
 
     def __init__(self, line: ExtentLine | None, start: int, source: ByteSource,
-                 filename: str, header: S.Header | None = None) -> None:
+                 filename: str, header: S.Header | None = None,
+                 cache: GrainTableCache | None = None) -> None:
         self.header = header or parse_header(source)
         h = self.header
         length = h.capacity * S.SECTOR if line is None else line.sectors * S.SECTOR
@@ -268,9 +295,7 @@ class SparseExtent(Extent):
         self.gd = self._read_directory(h.gd_offset, "grain directory")
         self.rgd = (self._read_directory(h.rgd_offset, "redundant grain directory")
                     if h.redundant else None)
-        self._gt_cache: OrderedDict[int, array.array[int]] = OrderedDict()
-        # A converter may ask for block status in one thread while another reads.
-        self._cache_lock = threading.Lock()
+        self._gt_cache = cache if cache is not None else GrainTableCache()
         self._last_grain: tuple[int, bytes] | None = None
         #: Grain tables read from the redundant directory because the primary one was bad.
         self.fallbacks: list[str] = []
@@ -322,11 +347,10 @@ class SparseExtent(Extent):
         sector = self.gt_location(index)
         if not sector:
             return None
-        with self._cache_lock:
-            table = self._gt_cache.get(sector)
-            if table is not None:
-                self._gt_cache.move_to_end(sector)
-                return table
+        key = (id(self), sector)
+        table = self._gt_cache.get(key)
+        if table is not None:
+            return table
         table = self.read_table(sector)
         if table is None and self.rgd is not None and self.gt_location(index, True):
             table = self.read_table(self.gt_location(index, True))
@@ -337,10 +361,7 @@ class SparseExtent(Extent):
             raise _bad(f"grain table {index} at sector {sector} lies outside the "
                        f"{self.host.size}-byte file (truncated?)", self.path,
                        self.header.gd_offset * S.SECTOR + index * S.GTE_SIZE)
-        with self._cache_lock:
-            self._gt_cache[sector] = table
-            if len(self._gt_cache) > GT_CACHE_TABLES:
-                self._gt_cache.popitem(last=False)
+        self._gt_cache.put(key, table)
         return table
 
     # ---- block status ----------------------------------------------------------------------
@@ -499,6 +520,7 @@ class VmdkDisk(Disk):
                  options: Mapping[str, str]) -> None:
         self.path = source.name
         self.extent_list: list[Extent] = []
+        self._gt_cache = GrainTableCache()
         self.descriptor: Descriptor | None = None
         self.cid: int | None = None
         self.parent_cid = S.NO_PARENT_CID
@@ -526,7 +548,7 @@ class VmdkDisk(Disk):
     # ---- opening ---------------------------------------------------------------------------
 
     def _open_monolithic(self, source: ByteSource) -> None:
-        extent = SparseExtent(None, 0, source, source.name)
+        extent = SparseExtent(None, 0, source, source.name, cache=self._gt_cache)
         h = extent.header
         self.extent_list.append(extent)
         if h.descriptor_size:
@@ -585,7 +607,7 @@ class VmdkDisk(Disk):
             os.path.dirname(self.path), line.filename)
         try:
             if line.type == S.EXTENT_SPARSE:
-                return SparseExtent(line, start, extent_source, shown)
+                return SparseExtent(line, start, extent_source, shown, cache=self._gt_cache)
             return FlatExtent(line, start, extent_source, shown)
         except BaseException:
             extent_source.close()

@@ -731,3 +731,18 @@ def test_bytes_source_reader(tmp_path: Path, small_raw: Path) -> None:
     disk = vmdk.open(BytesSource(path.read_bytes(), str(path)), CompanionResolver(str(path)), {})
     with disk:
         assert disk.read_at(700 * KiB + 100, 5000) == _pattern(2, 5000)
+
+
+def test_split_extents_share_one_grain_table_cache(tmp_path: Path) -> None:
+    # A disk split into many extents must hold GT_CACHE_TABLES tables in all, not per extent.
+    gib = 1 << 30
+    src = make_sparse_file(tmp_path / "src.raw", 2 * gib + (1 << 20),
+                           [(4096, b"first extent"), (2 * gib + 8192, b"second extent")])
+    out = tmp_path / "split.vmdk"
+    imgbridge.convert(src, out, format="raw", options={"subformat": "twoGbMaxExtentSparse"},
+                      sync=False)
+    with imgbridge.open(out) as disk:
+        assert disk.read_at(2 * gib + 8192, 13) == b"second extent"
+        sparse = [e for e in disk.extent_list if hasattr(e, "grain_table")]
+        assert len(sparse) == 2
+        assert len({id(e._gt_cache) for e in sparse}) == 1
