@@ -31,11 +31,11 @@ import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from imgbridge.crc32c import crc32c
 from imgbridge.errors import InvalidImageError, UnsupportedFeatureError
 from imgbridge.source import ByteSource, SourceRun
 
 from . import _structs as S
-from ._crc32c import crc32c
 
 __all__ = ["LogReplay", "OverlaySource", "MAX_REPLAY_LOG", "find_active_sequence"]
 

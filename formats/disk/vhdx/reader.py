@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgbridge.crc32c import crc32c_with_zeroed_field
 from imgbridge.errors import (
     InvalidImageError,
     MissingCompanionError,
@@ -43,7 +44,6 @@ from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource, read_exact
 
 from . import _structs as S
-from ._crc32c import crc32c_with_zeroed_field
 from .log import LogReplay, OverlaySource, find_active_sequence
 
 #: BAT entries per page read on demand, and how many pages stay cached (16 MiB of table).

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 from imgbridge import __version__
 from imgbridge.concurrency import WriteBehind, prefetch, pwrite_all
+from imgbridge.crc32c import crc32c_with_zeroed_field
 from imgbridge.errors import InvalidInputError
 from imgbridge.model.disk import Disk, iter_nonzero
 from imgbridge.progress import ProgressFn
 
 from . import _structs as S
-from ._crc32c import crc32c_with_zeroed_field
 
 __all__ = ["CREATE_OPTIONS", "Layout", "plan_layout", "write_vhdx"]
 

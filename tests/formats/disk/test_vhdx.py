@@ -19,9 +19,9 @@ import pytest
 from helpers import make_sparse_file
 from imgbridge.formats.disk import vhdx
 from imgbridge.formats.disk.vhdx import _structs as S
-from imgbridge.formats.disk.vhdx._crc32c import crc32c
 
 import imgbridge
+from imgbridge.crc32c import crc32c
 from imgbridge.errors import (
     InvalidImageError,
     InvalidInputError,
