@@ -66,7 +66,8 @@ class Entry:
     ``mode`` holds permission bits only (``0o7777``: setuid, setgid, sticky, rwx); the type lives
     in ``type``. Left at ``-1`` it becomes 0o755 for DIR, 0o777 for SYMLINK, 0o644 otherwise.
     Times are integer nanoseconds since the epoch, so negative times and times past 2038 survive
-    any round trip; ``atime``/``ctime`` are ``None`` where the source does not record them.
+    any round trip; ``atime``/``ctime``/``crtime`` (creation, ext4's and FAT's birth time) are
+    ``None`` where the source does not record them.
 
     ``link_target`` is a SYMLINK's target verbatim (it is data, resolved by whoever follows it)
     or, for a HARDLINK, the normalised path of the entry it shares an inode with.
@@ -91,6 +92,7 @@ class Entry:
     mtime: int = 0
     atime: int | None = None
     ctime: int | None = None
+    crtime: int | None = None
     size: int = 0
     link_target: str = ""
     devmajor: int = 0
