@@ -285,6 +285,41 @@ def cases(work: Path) -> list[tuple[str, Callable[[], Case]]]:
                      str(out)],
                     "umoci", [out])
 
+    def debian_rootfs() -> tuple[Path, str]:
+        _, label = build_debian_image(work)  # leaves the tree in work/debian-rootfs
+        return work / "debian-rootfs", label
+
+    def ext4_write() -> Case:
+        # A fixed size for both: the same work (mke2fs needs one; ours would pick its own).
+        rootfs, label = debian_rootfs()
+        out = work / "debian.ext4"
+        return Case(f"folder -> ext4 1 GiB ({label})",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-O", "ext4", "-o", "size=1G",
+                                  str(rootfs), str(out)),
+                    ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(rootfs), str(out), "1G"],
+                    "mke2fs -d", [out])
+
+    def ext4_read_all() -> Case:
+        rootfs, label = debian_rootfs()
+        image = work / "debian-read.ext4"
+        if not image.exists():
+            subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(rootfs), str(image),
+                            "1G"], check=True)
+        out = work / "debian-read-out"
+        return Case(f"ext4 -> every file out ({label})",
+                    imgbridge_cmd("extract", str(image), str(out)),
+                    ["sh", "-c", f"mkdir -p {out} && debugfs -R 'rdump / {out}' {image}"],
+                    "debugfs rdump", [out])
+
+    def iso_write() -> Case:
+        rootfs, label = debian_rootfs()
+        out = work / "debian.iso"
+        return Case(f"folder -> iso9660 RR+Joliet ({label})",
+                    imgbridge_cmd("convert", "-q", "--no-sync", "-O", "iso9660", str(rootfs),
+                                  str(out)),
+                    ["genisoimage", "-quiet", "-R", "-J", "-o", str(out), str(rootfs)],
+                    "genisoimage", [out])
+
     return [("startup", startup), ("raw-to-raw", raw_to_raw),
             ("raw-to-raw-synced", raw_to_raw_synced), ("compare-raw", compare_raw),
             ("raw-to-qcow2", raw_to_qcow2), ("qcow2-to-raw", qcow2_to_raw),
@@ -292,7 +327,8 @@ def cases(work: Path) -> list[tuple[str, Callable[[], Case]]]:
             ("raw-to-qcow2-zstd", raw_to_qcow2_zstd),
             ("raw-to-vmdk-stream", raw_to_stream_vmdk), ("qcow2-to-vhd", qcow2_to_vhd),
             ("raw-to-vhdx", raw_to_vhdx), ("oci-to-docker-archive", oci_to_docker_archive),
-            ("flatten-extract", flatten_extract)]
+            ("flatten-extract", flatten_extract), ("ext4-write", ext4_write),
+            ("ext4-read-all", ext4_read_all), ("iso-write", iso_write)]
 
 
 def main() -> None:

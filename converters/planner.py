@@ -39,6 +39,22 @@ def plan(source: FormatSpec, target: FormatSpec) -> Plan:
             f"write {target.name} (metadata first, fixed times and owners: the same input "
             "gives the same bytes) beside the target, then rename",
         ))
+    if target.kind is Kind.FS and source.kind in (Kind.IMAGE, Kind.DISK, Kind.FS):
+        read = {
+            Kind.IMAGE: f"read {source.name}: every layer streamed (digests checked) and "
+                        "flattened into one tree (whiteouts applied, hardlinks kept)",
+            Kind.DISK: f"read {source.name}: partition table, then the filesystem of the "
+                       "chosen partition (disk_to_tree), metadata only",
+            Kind.FS: f"read the {source.name} tree (a host folder or a tar archive): "
+                     "metadata only",
+        }[source.kind]
+        return Plan(source, target, (
+            read,
+            f"lay out the {target.name} filesystem in memory: metadata, then where each "
+            "file's bytes go",
+            f"write {target.name}: metadata from memory, file contents streamed from the "
+            "source in one pass, free space left as holes; temporary file, then rename",
+        ))
     raise UnsupportedFeatureError(
         f"converting {source.kind.value} ({source.name}) to {target.kind.value} "
         f"({target.name}) is not implemented yet"

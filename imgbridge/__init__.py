@@ -57,6 +57,7 @@ __all__ = [
     "inspect_chain",
     "open",
     "open_disk",
+    "open_filesystem",
     "plan",
     "read_file",
     "__version__",
@@ -64,8 +65,8 @@ __all__ = [
 
 # Not "formats": that name is the imgbridge.formats subpackage.
 _API = {"allocation_map", "check", "compare", "convert", "create", "diff", "extract",
-        "inspect", "inspect_chain", "list_files", "list_formats", "open", "open_disk", "plan",
-        "read_file"}
+        "inspect", "inspect_chain", "list_files", "list_formats", "open", "open_disk",
+        "open_filesystem", "plan", "read_file"}
 
 if TYPE_CHECKING:
     from .api import (
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
         list_formats,
         open,
         open_disk,
+        open_filesystem,
         plan,
         read_file,
     )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ __all__ = [
     "inspect",
     "inspect_chain",
     "open",
+    "open_filesystem",
     "parse_options",
     "parse_size",
     "read_file",
@@ -205,8 +207,25 @@ def _partition_info(disk: Disk) -> dict[str, Any]:
     except ImgBridgeError as exc:
         return {"partition-table-error": str(exc)}
     out: dict[str, Any] = {}
+    from imgbridge.converters.disk_to_tree import (
+        describe_filesystems,
+        filesystem_info,
+        probe_filesystem,
+    )
+
     if table is not None:
         out["partitions"] = table.to_json()
+        found = describe_filesystems(disk, table)
+        for part in out["partitions"]["partitions"]:
+            if part["number"] in found:
+                part["filesystem"] = found[part["number"]]
+    else:
+        from imgbridge.formats.volume.table import DiskSource
+
+        source = DiskSource(disk)
+        spec = probe_filesystem(source)
+        if spec is not None:
+            out["filesystem"] = filesystem_info(spec, source)
     if caught:
         out["partition-table-warnings"] = [str(w.message) for w in caught]
     return out
@@ -283,6 +302,7 @@ def convert(
     backing_format: str | None = None,
     tags: Sequence[str] | None = None,
     flatten: bool = False,
+    partition: int | None = None,
 ) -> None:
     """Convert ``src`` into ``dst``, written atomically (a temporary file, renamed at the end).
 
@@ -306,6 +326,11 @@ def convert(
     ``docker-archive``: blobs are copied unchanged (digests checked) unless ``options`` ask
     for ``compression=none|gzip|zstd`` (and ``level=``); ``tags`` (``NAME:TAG``) replace the
     names the image is written under; ``flatten`` squashes the layers into one.
+
+    A filesystem as the output (``ext4``, ``vfat``, ``iso9660``) is built from a file tree:
+    a container image's root filesystem (all layers flattened), a tar archive, a folder on
+    the host, or the filesystem inside a disk image (``partition`` picks it, by default the
+    root one). ``options`` are the filesystem writer's (``size``, ``label``, ...).
     """
     src_path, dst_path = os.fspath(src), os.fspath(dst)
     registry = default_registry()
@@ -313,6 +338,17 @@ def convert(
     if to_stdout and not output_format:
         raise InvalidInputError("writing to standard output ('-') needs the format named with -O")
     target = registry.for_output(output_format, dst_path)
+    if target.kind is Kind.FS:
+        if compress or backing is not None or tags or flatten:
+            raise InvalidInputError(f"-c, -B, --tag and --flatten do not apply to a "
+                                    f"{target.name} filesystem")
+        _convert_to_filesystem(src_path, dst_path, target, format=format,
+                               source_options=source_options or {}, options=options or {},
+                               progress=progress or no_progress, sync=sync,
+                               partition=partition)
+        return
+    if partition is not None:
+        raise InvalidInputError("--partition applies when the output is a filesystem")
     if to_stdout and not target.can("sequential-write"):
         streamable = ", ".join(s.name for s in registry.all() if s.can("sequential-write"))
         raise InvalidInputError(f"format {target.name} cannot be written to a pipe",
@@ -393,6 +429,63 @@ def _convert_image(source: ContainerImage | ImageIndex, target: FormatSpec, dst:
     with output as out:
         convert_image(source, target, out, options, progress, tags=tags, squash=flatten)
         out.commit()
+
+
+def _is_tar(path: str) -> bool:
+    try:
+        with builtins.open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    return len(head) == 512 and head[257:262] == b"ustar"
+
+
+def _convert_to_filesystem(src: str, dst: str, target: FormatSpec, *, format: str | None,
+                           source_options: Mapping[str, str], options: Mapping[str, str],
+                           progress: ProgressFn, sync: bool, partition: int | None) -> None:
+    """Build a filesystem from the tree that ``src`` holds (see ``convert``)."""
+    if dst == "-":
+        raise InvalidInputError(f"a {target.name} filesystem cannot be written to a pipe")
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        raise InvalidInputError(f"{dst}: the output would overwrite the input")
+    entries: Iterable[Entry]
+    tree: _Tree | None = None
+    tar_source: FileSource | None = None
+    if format is None and os.path.isdir(src) and not _is_image_dir(src):
+        from imgbridge.converters.dir_to_tree import read_host_tree
+
+        entries = read_host_tree(src)
+    elif format in (None, "tar") and os.path.isfile(src) and _is_tar(src) \
+            and default_registry().detect(src).guessed:
+        from imgbridge.formats.fs.tar import read_tar
+        from imgbridge.model.tree import Layer, flatten
+
+        tar_source = FileSource(src)
+        source = tar_source
+        entries = flatten([Layer(lambda: read_tar(source))])
+    else:
+        if format == "tar":
+            raise InvalidInputError(f"{src}: not a tar archive")
+        platform = source_options.get("platform")
+        tree = _open_tree(src, platform, format=format, partition=partition)
+        entries = tree.entries()
+    try:
+        with AtomicOutput(dst, sync=sync) as out:
+            target.create(out, entries, options, progress)
+            out.commit()
+    finally:
+        if tree is not None:
+            tree.close()
+        if tar_source is not None:
+            tar_source.close()
+
+
+def _is_image_dir(path: str) -> bool:
+    try:
+        default_registry().detect(path)
+    except InvalidInputError:
+        return False
+    return True
 
 
 def _backing_choice(backing: str | os.PathLike[str] | None, backing_format: str | None,
@@ -485,7 +578,17 @@ def plan(
 
     registry = default_registry()
     target = registry.for_output(output_format, os.fspath(dst))
-    source = registry.get(format) if format else registry.detect(os.fspath(src)).spec
+    name, format, _ = _split_transport(os.fspath(src), format, {})
+    if format is None and target.kind is Kind.FS and (
+            (os.path.isdir(name) and not _is_image_dir(name))
+            or (os.path.isfile(name) and _is_tar(name) and registry.detect(name).guessed)):
+        # A host folder or a tar is a tree already; describe it as the target's own kind.
+        from imgbridge.registry import FormatSpec as Spec
+
+        source = Spec(name="folder" if os.path.isdir(name) else "tar", kind=Kind.FS,
+                      module="")
+    else:
+        source = registry.get(format) if format else registry.detect(name).spec
     return make_plan(source, target).describe()
 
 
@@ -640,34 +743,102 @@ def extent_to_json(ext: Extent) -> dict[str, Any]:
 # Files inside a container image: list_files, read_file, extract.
 
 
-def _open_image(image: str | os.PathLike[str], platform: str | None) -> Any:
-    """Open a container image (closable), picking ``platform`` from an index."""
-    options = {"platform": platform} if platform else None
-    obj = open(image, allow_outside=False, options=options)
+class _Tree:
+    """What ls/cat/extract/diff read: a container image's layers, or the filesystem inside a
+    disk (in any disk format, partition chosen by number or by default the root)."""
+
+    def __init__(self, obj: Any, found: Any = None) -> None:
+        self.obj = obj  # a ContainerImage, or the Disk holding ``found``
+        self.found = found
+
+    def entries(self, layer: int | None = None) -> list[Entry]:
+        """The flattened tree, or layer ``layer``'s entries in archive order (whiteouts
+        kept)."""
+        if layer is not None:
+            return list(self.iter_layer(layer))
+        if self.found is not None:
+            from .model.fs import with_link_metadata
+
+            return list(with_link_metadata(self.found.fs.entries()))
+        entries: list[Entry] = self.obj.flatten()
+        return entries
+
+    def iter_layer(self, layer: int) -> Iterable[Entry]:
+        """Layer ``layer``'s entries, streamed in archive order (the number checked first)."""
+        if self.found is not None:
+            raise InvalidInputError("--layer applies to container images, not to disks")
+        count = len(self.obj.layers)
+        if not 0 <= layer < count:
+            raise InvalidInputError(f"no layer {layer}: this image has {count} "
+                                    f"(numbered 0 to {count - 1})" if count else
+                                    f"no layer {layer}: this image has none")
+        entries: Iterable[Entry] = self.obj.layers[layer].iter_entries()
+        return entries
+
+    def close(self) -> None:
+        if self.found is not None:
+            self.found.close()
+        _close(self.obj)
+
+
+def _open_tree(image: str | os.PathLike[str], platform: str | None, *,
+               format: str | None = None, partition: int | None = None,
+               notice: Callable[[str], None] | None = None) -> _Tree:
+    """Open what ``image`` names as a tree: a container image (``platform`` picks one of an
+    index) or a disk image with a filesystem (``partition`` picks the partition)."""
     from .model.image import ContainerImage
 
+    name = os.fspath(image)
+    options = {"platform": platform} if platform else None
+    obj = open(name, format, allow_outside=False, options=options)
     if isinstance(obj, ContainerImage):
-        return obj
+        if partition is not None:
+            _close(obj)
+            raise InvalidInputError("--partition applies to disk images, not to container "
+                                    "images")
+        return _Tree(obj)
+    if isinstance(obj, Disk):
+        from imgbridge.converters.disk_to_tree import find_filesystem
+
+        try:
+            found = find_filesystem(obj, partition)
+        except BaseException:
+            obj.close()
+            raise
+        if notice is not None and found.partition is not None and partition is None:
+            notice(f"{name}: reading {found.describe()}")
+        return _Tree(obj, found)
     platforms = getattr(obj, "platforms", None)
     _close(obj)
     if platforms is not None:
         raise InvalidInputError(
-            f"{os.fspath(image)}: holds images for several platforms: "
+            f"{name}: holds images for several platforms: "
             f"{', '.join(str(p) for p in platforms)}", hint="pick one with --platform")
-    raise InvalidInputError(f"{os.fspath(image)}: not a container image")
+    raise InvalidInputError(f"{name}: neither a container image nor a disk image")
 
 
-def _tree(img: Any, layer: int | None) -> list[Any]:
-    """The flattened tree, or layer ``layer``'s entries in archive order (whiteouts kept)."""
-    if layer is None:
-        entries: list[Any] = img.flatten()
-        return entries
-    count = len(img.layers)
-    if not 0 <= layer < count:
-        raise InvalidInputError(f"no layer {layer}: this image has {count} "
-                                f"(numbered 0 to {count - 1})" if count else
-                                f"no layer {layer}: this image has none")
-    return list(img.layers[layer].iter_entries())
+def open_filesystem(
+    path: str | os.PathLike[str], format: str | None = None, *, partition: int | None = None,
+    allow_outside: bool = False,
+) -> Any:
+    """Open the filesystem inside a disk image (any disk format): partition number
+    ``partition`` (as ``inspect`` numbers them), by default the root partition (the
+    Discoverable Partitions root type, else the largest Linux filesystem, else the largest
+    filesystem), or the whole disk when it has no partition table. Returns a
+    :class:`~imgbridge.converters.disk_to_tree.FoundFilesystem`: ``.fs`` is the
+    :class:`~imgbridge.model.fs.Filesystem` (``info()``, ``entries()``), ``.partition`` the
+    partition read, ``.describe()`` says which and why. Close it (or use ``with``).
+    """
+    from imgbridge.converters.disk_to_tree import find_filesystem
+
+    disk = open_disk(path, format, allow_outside=allow_outside)
+    try:
+        found = find_filesystem(disk, partition)
+    except BaseException:
+        disk.close()
+        raise
+    found.disk = disk  # closed with it
+    return found
 
 
 def _tree_path(path: str) -> str:
@@ -681,22 +852,28 @@ def _tree_path(path: str) -> str:
 
 def list_files(
     image: str | os.PathLike[str], path: str = "", *, layer: int | None = None,
-    platform: str | None = None, recursive: bool = False,
+    platform: str | None = None, recursive: bool = False, partition: int | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> list[Entry]:
-    """The entries at ``path`` inside a container image, like ``ls -a``: a directory's
+    """The entries at ``path`` inside a container image or a disk image, like ``ls -a``: a
+    directory's
     children (every descendant with ``recursive``), or the entry itself when it is not a
     directory. Paths are relative to the image's root (``/etc`` and ``etc`` are the same).
 
     Without ``layer`` this is the image's root filesystem (all layers flattened); with
     ``layer=N`` (0 is the lowest) it is that layer's own entries, whiteouts included
     (``EntryType.WHITEOUT`` / ``OPAQUE``). ``InvalidInputError`` when nothing is at ``path``.
+
+    For a disk image (any disk format) it is the filesystem of partition ``partition``, by
+    default the root one (see :func:`open_filesystem`); ``notice`` is called with one line
+    saying which partition was chosen when none was asked for.
     """
     want = _tree_path(path)
-    img = _open_image(image, platform)
+    tree = _open_tree(image, platform, partition=partition, notice=notice)
     try:
-        entries = _tree(img, layer)
+        entries = tree.entries(layer)
     finally:
-        _close(img)
+        tree.close()
     prefix = want + "/" if want else ""
     below = [e for e in entries if e.path.startswith(prefix) and e.path != want
              and (recursive or "/" not in e.path[len(prefix):])]
@@ -763,10 +940,12 @@ def _resolve(by_path: dict[str, Entry], path: str) -> Entry | None:
 
 def read_file(
     image: str | os.PathLike[str], path: str, *, layer: int | None = None,
-    platform: str | None = None,
+    platform: str | None = None, partition: int | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Iterator[bytes]:
-    """The content of the regular file at ``path`` inside a container image, as chunks of
-    at most 1 MiB (memory stays bounded whatever the file's size).
+    """The content of the regular file at ``path`` inside a container image or a disk image
+    (``partition`` and ``notice`` as for :func:`list_files`), as chunks of at most 1 MiB
+    (memory stays bounded whatever the file's size).
 
     Symlinks and hardlinks are followed inside the image (never on the host) in the
     flattened tree; with ``layer=N`` only that layer's own files are read and a link is not
@@ -776,9 +955,9 @@ def read_file(
     from .model.tree import EntryType
 
     want = _tree_path(path)
-    img = _open_image(image, platform)
+    img = _open_tree(image, platform, partition=partition, notice=notice)
     try:
-        entries = _tree(img, layer)
+        entries = img.entries(layer)
         by_path = {e.path: e for e in entries}
         entry = _resolve(by_path, want) if layer is None else by_path.get(want)
         if entry is None:
@@ -788,7 +967,7 @@ def read_file(
             raise InvalidInputError(f"/{want}: is a {entry.type.value}, not a regular file")
         stream = entry.open()
     except BaseException:
-        _close(img)
+        img.close()
         raise
 
     def chunks() -> Iterator[bytes]:
@@ -797,7 +976,7 @@ def read_file(
                 while chunk := stream.read(1 << 20):
                     yield chunk
         finally:
-            _close(img)  # the image's spooled layers live until the last chunk is read
+            img.close()  # the image's spooled layers live until the last chunk is read
 
     return chunks()
 
@@ -811,10 +990,12 @@ def _is_tar_out(out: str | os.PathLike[str]) -> bool:
 
 def extract(
     image: str | os.PathLike[str], out: str | os.PathLike[str], *, layer: int | None = None,
-    platform: str | None = None, sync: bool = True,
+    platform: str | None = None, sync: bool = True, partition: int | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> ExtractReport:
     """Write a container image's root filesystem (or, with ``layer=N``, one layer's own
-    entries) into the directory ``out``, which must not exist yet or be empty.
+    entries), or the files of a disk image (``partition`` and ``notice`` as for
+    :func:`list_files`), into the directory ``out``, which must not exist yet or be empty.
 
     Nothing is ever written outside ``out``: symlinks are created as they are but never
     followed, parents are opened without following symlinks, hardlinks may only point at
@@ -839,7 +1020,7 @@ def extract(
         output = (StreamOutput(sys.stdout.buffer) if os.fspath(out) == "-"
                   else AtomicOutput(os.fspath(out), sync=sync))
     try:
-        img = _open_image(image, platform)
+        img = _open_tree(image, platform, partition=partition, notice=notice)
     except BaseException:
         if output is not None:
             output.abort()
@@ -848,10 +1029,9 @@ def extract(
         if layer is None:
             if not to_tar:
                 prepare_out(os.fspath(out))  # refuse a non-empty OUT before flattening
-            entries: Iterable[Entry] = img.flatten()
+            entries: Iterable[Entry] = img.entries()
         else:
-            _tree(img, layer)  # check the layer number
-            entries = img.layers[layer].iter_entries()  # streamed in archive order
+            entries = img.iter_layer(layer)
         if output is None:
             return extract_tree(entries, out)
         from imgbridge.converters.tree_to_tar import write_tree_tar
@@ -864,60 +1044,39 @@ def extract(
     finally:
         if output is not None:
             output.abort()
-        _close(img)
+        img.close()
 
 
 # ---------------------------------------------------------------------------------------------
 # diff: what changed between two container images' root filesystems.
 
 
-def _open_for_diff(path: str | os.PathLike[str], format: str | None,
-                   platform: str | None) -> Any:
-    """Open ``path`` as a single container image, or say in one line why it cannot be diffed."""
-    from .errors import UnsupportedFeatureError
-
-    name = os.fspath(path)
-    obj = open(name, format, options={"platform": platform} if platform else None)
-    if isinstance(obj, ContainerImage):
-        return obj
-    platforms = getattr(obj, "platforms", None)
-    guessed = getattr(obj, "format_guessed", False)
-    is_disk = isinstance(obj, Disk)
-    _close(obj)
-    if guessed:
-        raise InvalidInputError(f"{name}: not a container image (no format recognises it)")
-    if is_disk:
-        raise UnsupportedFeatureError(
-            f"{name}: diff of disk images needs the filesystem readers of issue #6")
-    if platforms is not None:
-        raise InvalidInputError(
-            f"{name}: holds images for several platforms: "
-            f"{', '.join(str(p) for p in platforms)}", hint="pick one with --platform")
-    raise InvalidInputError(f"{name}: not a container image")
-
-
 def diff(
     a: str | os.PathLike[str], b: str | os.PathLike[str], *,
     format_a: str | None = None, format_b: str | None = None, platform: str | None = None,
+    partition_a: int | None = None, partition_b: int | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> list[Change]:
-    """What changed from container image ``a`` to ``b``: their flattened root filesystems
-    compared path by path, as a list of
+    """What changed from ``a`` to ``b``, each a container image (its flattened root
+    filesystem) or a disk image (the filesystem of ``partition_a``/``partition_b``, by
+    default the root one): the trees compared path by path, as a list of
     :class:`~imgbridge.converters.tree_diff.Change` (``kind`` ``"A"``, ``"D"`` or ``"M"``),
     sorted by path. Empty when the trees are the same.
 
     Entries differ by type, permission bits, owner, link target, device numbers, xattrs or
     content (sha256, streamed; only files of equal size are read); times are not compared.
-    ``platform`` picks ``os/arch[/variant]`` from multi-platform images, on both sides. Disk
-    images raise ``UnsupportedFeatureError`` until the filesystem readers exist.
+    ``platform`` picks ``os/arch[/variant]`` from multi-platform images, on both sides. A
+    container image and a disk can be compared (what a conversion kept, for instance).
     """
     from imgbridge.converters.tree_diff import diff_trees
 
-    img_a = _open_for_diff(a, format_a, platform)
+    tree_a = _open_tree(a, platform, format=format_a, partition=partition_a, notice=notice)
     try:
-        img_b = _open_for_diff(b, format_b, platform)
+        tree_b = _open_tree(b, platform, format=format_b, partition=partition_b,
+                            notice=notice)
         try:
-            return diff_trees(img_a.flatten(), img_b.flatten())
+            return diff_trees(tree_a.entries(), tree_b.entries())
         finally:
-            _close(img_b)
+            tree_b.close()
     finally:
-        _close(img_a)
+        tree_a.close()

@@ -206,12 +206,32 @@ def _print_info(info: dict[str, Any], image: str) -> None:
             click.echo(f"    {part['number']:>3}  start {part['start']:<14} "
                        f"size {_human_size(part['size']):<10} {kind}"
                        + (f"  '{part['name']}'" if part.get("name") else ""))
+            if part.get("filesystem"):
+                click.echo(f"         {_fs_line(part['filesystem'])}")
+    if info.get("filesystem"):
+        click.echo(f"filesystem: {_fs_line(info['filesystem'])}")
     for warning in info.get("partition-table-warnings", []):
         click.echo(f"warning: {warning}", err=True)
     if info.get("partition-table-error"):
         click.echo(f"partition table: unreadable ({info['partition-table-error']})")
     if info.get("format-guessed"):
         click.echo("note: no format recognised this file; it reads as raw", err=True)
+
+
+def _fs_line(fs: dict[str, Any]) -> str:
+    """One line for a filesystem: type, label, UUID, usage (or why it cannot be read)."""
+    if fs.get("error"):
+        return f"{fs.get('type', '?')}: unreadable ({fs['error']})"
+    parts = [str(fs.get("type", "?"))]
+    if fs.get("label"):
+        parts.append(f"label '{fs['label']}'")
+    if fs.get("uuid"):
+        parts.append(f"uuid {fs['uuid']}")
+    if fs.get("size") is not None:
+        used = fs.get("used")
+        parts.append(f"{_human_size(used)} used of {_human_size(fs['size'])}"
+                     if used is not None else f"size {_human_size(fs['size'])}")
+    return ", ".join(parts)
 
 
 @cli.command("convert")
@@ -241,17 +261,21 @@ def _print_info(info: dict[str, Any], image: str) -> None:
 @click.option("--flatten", is_flag=True,
               help="Container images: squash all layers into one.")
 @click.option("--platform", help="Container images: convert this os/arch[/variant] of an index.")
+@click.option("-P", "--partition", type=int, metavar="N",
+              help="Disk to filesystem: read the source's partition N (default: the root).")
 def convert_cmd(
     src: str, dst: str, fmt: str | None, out_fmt: str | None, opts: Sequence[str],
     snapshot: str | None, compress: bool, base: str | None, base_fmt: str | None,
     progress: bool, quiet: bool, show_plan: bool, sync: bool, allow_outside_backing: bool,
-    tags: Sequence[str], flatten: bool, platform: str | None,
+    tags: Sequence[str], flatten: bool, platform: str | None, partition: int | None,
 ) -> None:
     """Convert SRC into DST (written to a temporary file and renamed at the end).
 
     -c compresses the output; -B BASE writes only what differs from BASE, which becomes
     DST's backing file. Container images convert between oci, oci-archive and
     docker-archive (-O), with --tag, --flatten and -o compression=none|gzip|zstd.
+    -O ext4, vfat or iso9660 builds a filesystem from a container image, a tar, a folder
+    or the filesystem of a disk image (-o size=,label=; '-o help' lists the rest).
 
     Example: imgbridge convert -f raw disk.img disk.qcow2 -p
     """
@@ -275,7 +299,7 @@ def convert_cmd(
                 source_options={k: v for k, v in (("snapshot", snapshot),
                                                   ("platform", platform)) if v} or None,
                 compress=compress, backing=base, backing_format=base_fmt,
-                tags=list(tags) or None, flatten=flatten)
+                tags=list(tags) or None, flatten=flatten, partition=partition)
     finally:
         if bar is not None:
             bar.close()
@@ -472,16 +496,21 @@ def _long_line(entry: Any) -> str:
 @click.option("--layer", type=int, help="List layer N's own entries (0 is the lowest), "
                                         "whiteouts included, instead of the flattened tree.")
 @click.option("--platform", help="Pick this os/arch[/variant] from a multi-platform image.")
+@click.option("-P", "--partition", type=int, metavar="N",
+              help="Disk images: read partition N (default: the root partition).")
 def ls_cmd(image: str, path: str, long: bool, recursive: bool, layer: int | None,
-           platform: str | None) -> None:
-    """List the files at PATH (default /) inside a container image.
+           platform: str | None, partition: int | None) -> None:
+    """List the files at PATH (default /) inside a container image or a disk image.
 
-    IMAGE is a path or a skopeo-style reference (oci:DIR:TAG, docker-archive:FILE, ...).
+    IMAGE is a path or a skopeo-style reference (oci:DIR:TAG, docker-archive:FILE, ...), or
+    a disk image in any disk format: its filesystem (ext2/3/4, FAT, ISO9660) is read from
+    partition N (-P), by default the root partition (named on stderr).
     Example: imgbridge ls -l oci:image:latest /etc
     """
     from .api import list_files
 
-    for entry in list_files(image, path, layer=layer, platform=platform, recursive=recursive):
+    for entry in list_files(image, path, layer=layer, platform=platform, recursive=recursive,
+                            partition=partition, notice=_notice):
         click.echo(_long_line(entry) if long else "/" + entry.path)
 
 
@@ -490,8 +519,12 @@ def ls_cmd(image: str, path: str, long: bool, recursive: bool, layer: int | None
 @click.argument("path")
 @click.option("--layer", type=int, help="Read from layer N's own files (0 is the lowest).")
 @click.option("--platform", help="Pick this os/arch[/variant] from a multi-platform image.")
-def cat_cmd(image: str, path: str, layer: int | None, platform: str | None) -> None:
-    """Write the content of the file at PATH inside a container image to standard output.
+@click.option("-P", "--partition", type=int, metavar="N",
+              help="Disk images: read partition N (default: the root partition).")
+def cat_cmd(image: str, path: str, layer: int | None, platform: str | None,
+            partition: int | None) -> None:
+    """Write the content of the file at PATH inside a container image or a disk image to
+    standard output.
 
     Symlinks are followed inside the image, never on the host.
     Example: imgbridge cat oci:image:latest /etc/os-release
@@ -499,7 +532,8 @@ def cat_cmd(image: str, path: str, layer: int | None, platform: str | None) -> N
     from .api import read_file
 
     out = sys.stdout.buffer
-    for chunk in read_file(image, path, layer=layer, platform=platform):
+    for chunk in read_file(image, path, layer=layer, platform=platform, partition=partition,
+                           notice=_notice):
         out.write(chunk)
     out.flush()
 
@@ -511,9 +545,12 @@ def cat_cmd(image: str, path: str, layer: int | None, platform: str | None) -> N
                                         "instead of the flattened tree.")
 @click.option("--platform", help="Pick this os/arch[/variant] from a multi-platform image.")
 @click.option("--no-sync", is_flag=True, help="With a .tar OUT: skip the final flush.")
+@click.option("-P", "--partition", type=int, metavar="N",
+              help="Disk images: read partition N (default: the root partition).")
 def extract_cmd(image: str, out: str, layer: int | None, platform: str | None,
-                no_sync: bool) -> None:
-    """Write a container image's root filesystem into the directory OUT.
+                no_sync: bool, partition: int | None) -> None:
+    """Write a container image's root filesystem, or the files of a disk image, into the
+    directory OUT.
 
     OUT must not exist or be empty. Nothing is written outside OUT: symlinks are created as
     they are but never followed. What the host cannot reproduce (owners and device nodes
@@ -527,7 +564,8 @@ def extract_cmd(image: str, out: str, layer: int | None, platform: str | None,
     """
     from .api import extract
 
-    report = extract(image, out, layer=layer, platform=platform, sync=not no_sync)
+    report = extract(image, out, layer=layer, platform=platform, sync=not no_sync,
+                     partition=partition, notice=_notice)
     for line in report.summary():
         click.echo(f"imgbridge: warning: {line}", err=True)
     if report.refused:
@@ -541,19 +579,25 @@ def extract_cmd(image: str, out: str, layer: int | None, platform: str | None,
 @click.option("-F", "fmt_b", help="The second image's format.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of changes.")
 @click.option("--platform", help="Pick this os/arch[/variant] from multi-platform images.")
+@click.option("--partition-a", type=int, metavar="N", help="IMAGE_A is a disk: read partition N.")
+@click.option("--partition-b", type=int, metavar="N", help="IMAGE_B is a disk: read partition N.")
 def diff_cmd(image_a: str, image_b: str, fmt_a: str | None, fmt_b: str | None,
-             as_json: bool, platform: str | None) -> None:
-    """List what changed from container image IMAGE_A to IMAGE_B: one line per path, "A" added,
+             as_json: bool, platform: str | None, partition_a: int | None,
+             partition_b: int | None) -> None:
+    """List what changed from IMAGE_A to IMAGE_B (container images or disk images, in any
+    mix): one line per path, "A" added,
     "D" removed, "M" changed (type, mode, owner, link, device, xattrs or content; times are
     not compared).
 
-    Both root filesystems are compared flattened; contents by sha256, streamed. Exit 0 when
+    Container images are compared flattened, disks by the filesystem of their root
+    partition (or --partition-a/-b); contents by sha256, streamed. Exit 0 when
     they are the same, 1 when they differ, 2 on error, like diff(1).
     Example: imgbridge diff oci:old:latest oci:new:latest
     """
     from .api import diff
 
-    changes = diff(image_a, image_b, format_a=fmt_a, format_b=fmt_b, platform=platform)
+    changes = diff(image_a, image_b, format_a=fmt_a, format_b=fmt_b, platform=platform,
+                   partition_a=partition_a, partition_b=partition_b, notice=_notice)
     if as_json:
         _echo_json([change.to_json() for change in changes])
     else:
@@ -561,6 +605,10 @@ def diff_cmd(image_a: str, image_b: str, fmt_a: str | None, fmt_b: str | None,
             click.echo(change.describe())
     if changes:
         raise SystemExit(1)
+
+
+def _notice(message: str) -> None:
+    click.echo(f"imgbridge: {message}", err=True)
 
 
 def _subcommand(argv: Sequence[str]) -> str | None:

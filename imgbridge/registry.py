@@ -43,6 +43,8 @@ __all__ = [
 
 #: How many bytes of the start and the end of a file the probes see.
 PROBE_BYTES = 64 * 1024
+#: The score of a raw file whose partition table or filesystem was recognised.
+RAW_WITH_LAYOUT = 50
 
 CAPABILITIES = (
     "read",
@@ -249,6 +251,33 @@ BUILTIN: tuple[FormatSpec, ...] = (
         capabilities=frozenset({"read", "create", "sparse", "backing"}),
     ),
     # -- vhdx --
+    FormatSpec(
+        name="ext4",
+        kind=Kind.FS,
+        module="imgbridge.formats.fs.ext4",
+        description="Linux ext2/ext3/ext4 filesystem: read any, write ext4 (journal, checksums)",
+        aliases=("ext2", "ext3"),
+        extensions=("ext4", "ext3", "ext2"),
+        capabilities=frozenset({"read", "create"}),
+    ),
+    FormatSpec(
+        name="vfat",
+        kind=Kind.FS,
+        module="imgbridge.formats.fs.fat",
+        description="FAT12/16/32 filesystem with long names: read any, write FAT32 (EFI)",
+        aliases=("fat", "fat12", "fat16", "fat32", "msdos"),
+        extensions=("fat", "vfat"),
+        capabilities=frozenset({"read", "create"}),
+    ),
+    FormatSpec(
+        name="iso9660",
+        kind=Kind.FS,
+        module="imgbridge.formats.fs.iso9660",
+        description="ISO9660 CD/DVD filesystem with Rock Ridge and Joliet (pycdlib)",
+        aliases=("iso",),
+        extensions=("iso",),
+        capabilities=frozenset({"read", "create"}),
+    ),
 )
 
 
@@ -259,8 +288,9 @@ class Detection:
 
     @property
     def guessed(self) -> bool:
-        """True when no magic recognised the file: raw, or an extension alone."""
-        return self.spec.name == "raw" or self.score <= 10
+        """True when no magic recognised the file: raw with nothing known inside it, or an
+        extension alone. A raw file that holds a partition table or a filesystem is known."""
+        return self.score <= 10
 
 
 class Registry:
@@ -350,7 +380,9 @@ class Registry:
                     break
                 specs = self.all()
             for spec in specs:
-                if spec.name in checked or not spec.can("read"):
+                # A filesystem is found inside a disk (see converters.disk_to_tree): a file
+                # holding one is a raw disk first, as for qemu-img.
+                if spec.name in checked or not spec.can("read") or spec.kind is Kind.FS:
                     continue
                 checked.add(spec.name)
                 score = spec.probe(probe)
@@ -360,7 +392,26 @@ class Registry:
             if probe.is_dir:
                 raise InvalidInputError(f"{path}: is a directory, not an image")
             raise InvalidInputError(f"{path}: no format recognises this file")
+        if best.spec.name == "raw" and self._holds_known_layout(probe):
+            return Detection(best.spec, RAW_WITH_LAYOUT)
         return best
+
+    def _holds_known_layout(self, probe: ProbeInput) -> bool:
+        """A partition table or a filesystem at the start: the bytes of a disk, not a guess.
+        Asked only when no disk or image format claimed the file."""
+        head = probe.head
+        if head[512:520] == b"EFI PART":
+            return True
+        if len(head) >= 512 and head[510:512] == b"\x55\xaa":
+            from imgbridge.formats.volume.mbr import parse_entries
+
+            sector = probe.size // 512
+            used = [e for e in parse_entries(head[:512]) if e.type and e.sectors]
+            if used and all(e.status in (0, 0x80) and e.lba_first + e.sectors <= sector
+                            for e in used):
+                return True
+        return any(spec.kind is Kind.FS and spec.can("read") and spec.probe(probe) >= 50
+                   for spec in self._specs.values())
 
 
 def read_probe_input(path: str) -> ProbeInput:

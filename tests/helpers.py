@@ -35,11 +35,12 @@ def require_tool(name: str) -> str:
     return path
 
 
-def run_tool(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_tool(*args: str | os.PathLike[str], check: bool = True,
+             input_text: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run an external tool (which must exist) and capture its output as text."""
     require_tool(os.fspath(args[0]))
     return subprocess.run([os.fspath(a) for a in args], capture_output=True, text=True,
-                          check=check)
+                          check=check, input=input_text)
 
 
 @dataclass

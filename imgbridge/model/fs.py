@@ -11,7 +11,8 @@ tree writer work on disks and images alike).
 - pre-order: the root (``""``, a DIR) first, every directory before what it contains,
   siblings sorted by name (bytes order of their UTF-8 form);
 - a file with several names appears once as FILE (at the first path in that order) and then
-  as HARDLINK entries whose ``link_target`` is that first path;
+  as HARDLINK entries whose ``link_target`` is that first path (``with_link_metadata`` gives
+  them their inode's mode, owner and times, as ``ls -l`` shows every name);
 - a FILE's ``opener`` reads its content lazily from the source (holes come back as zeros,
   never read from the source), so listing a tree costs metadata reads only;
 - names that are not valid UTF-8 are decoded with ``surrogateescape``; names that cannot be
@@ -28,12 +29,29 @@ A filesystem format module provides, besides the registry's ``probe`` and ``open
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
-from .tree import Entry
+from .tree import Entry, EntryType
 
-__all__ = ["Filesystem"]
+__all__ = ["Filesystem", "with_link_metadata"]
+
+
+def with_link_metadata(entries: Iterable[Entry]) -> Iterator[Entry]:
+    """The entries, each HARDLINK carrying the metadata of the entry it links to (which comes
+    first in the tree). Holds the non-directory entries seen so far: metadata, not content."""
+    seen: dict[str, Entry] = {}
+    for entry in entries:
+        if entry.type is EntryType.HARDLINK:
+            target = seen.get(entry.link_target)
+            if target is not None:
+                entry = replace(entry, mode=target.mode, uid=target.uid, gid=target.gid,
+                                mtime=target.mtime, atime=target.atime, ctime=target.ctime,
+                                crtime=target.crtime, uname=target.uname, gname=target.gname)
+        elif entry.type is not EntryType.DIR:
+            seen[entry.path] = entry
+        yield entry
 
 
 class Filesystem(abc.ABC):

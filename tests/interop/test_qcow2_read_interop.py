@@ -480,7 +480,8 @@ def test_qcowinfo_agrees_on_virtual_size(images: dict[str, Case],
 
 # ---- the committed fixtures -----------------------------------------------------------------
 
-COMMITTED = ["small.qcow2", "compressed-zstd.qcow2", "chain-base.qcow2", "chain-top.qcow2"]
+COMMITTED = ["small.qcow2", "compressed-zstd.qcow2", "chain-base.qcow2", "chain-top.qcow2",
+             "small-gpt.qcow2"]
 
 
 def test_the_committed_fixtures_are_all_listed() -> None:

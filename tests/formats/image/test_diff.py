@@ -12,7 +12,7 @@ from helpers import FIXTURES, CliResult
 from imgbridge.converters.tree_diff import diff_trees
 
 import imgbridge
-from imgbridge.errors import InvalidInputError, UnsupportedFeatureError
+from imgbridge.errors import InvalidInputError
 from imgbridge.model.image import ContainerImage, ImageConfig, Platform
 from imgbridge.model.tree import Entry, EntryType, Layer
 from imgbridge.output import AtomicOutput
@@ -120,13 +120,13 @@ def test_the_cli_prints_lines_or_json_and_exits_like_diff(
 def test_errors_are_one_line_with_exit_2(images: tuple[Path, Path], tmp_path: Path,
                                          cli: Callable[..., CliResult]) -> None:
     a, _ = images
-    for other, message in ((FIXTURES / "small.qcow2", "filesystem readers of issue #6"),
-                           (FIXTURES / "small.raw", "not a container image"),
+    for other, message in ((FIXTURES / "small.qcow2", "no partition table and no filesystem"),
+                           (FIXTURES / "small.raw", "no partition table and no filesystem"),
                            (tmp_path / "missing", "no such file")):
         result = cli("diff", a, other)
         assert result.code == 2 and result.out == ""
         assert result.err.count("\n") == 1 and message in result.err, result.err
-    with pytest.raises(UnsupportedFeatureError, match="issue #6"):
+    with pytest.raises(InvalidInputError, match="no filesystem that imgbridge can read"):
         imgbridge.diff(FIXTURES / "small.qcow2", a)
     with pytest.raises(InvalidInputError):
         imgbridge.diff(a, FIXTURES / "small.raw")
