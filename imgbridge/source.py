@@ -22,6 +22,7 @@ __all__ = [
     "ByteSource",
     "BytesSource",
     "ConcatSource",
+    "CursorFile",
     "FileSource",
     "RangeSource",
     "SourceRun",
@@ -285,11 +286,15 @@ class ConcatSource(ByteSource):
             part.close()
 
 
-class _SourceFile(io.RawIOBase):
-    """The cursor that ``ByteSource.as_fileobj`` puts in front of a source."""
+class CursorFile(io.RawIOBase):
+    """A read-only, seekable file object of ``size`` bytes over something that reads at a
+    position (a source, a file's extents, a cluster chain): the cursor, ``seek``/``tell`` and
+    the end-of-file rule live here once, and a subclass implements ``readinto`` reading at
+    ``self._pos`` (and advancing it). Seeking past the end is allowed, as for files."""
 
-    def __init__(self, source: ByteSource) -> None:
-        self._source = source
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self._size = size
         self._pos = 0
 
     def readable(self) -> bool:
@@ -298,19 +303,13 @@ class _SourceFile(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self._source.read_at(self._pos, len(buffer))
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_SET:
             pos = offset
         elif whence == io.SEEK_CUR:
             pos = self._pos + offset
         elif whence == io.SEEK_END:
-            pos = self._source.size + offset
+            pos = self._size + offset
         else:
             raise ValueError(f"bad whence {whence}")
         if pos < 0:
@@ -320,3 +319,17 @@ class _SourceFile(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
+
+
+class _SourceFile(CursorFile):
+    """The cursor that ``ByteSource.as_fileobj`` puts in front of a source."""
+
+    def __init__(self, source: ByteSource) -> None:
+        super().__init__(source.size)
+        self._source = source
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self._source.read_at(self._pos, len(buffer))
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

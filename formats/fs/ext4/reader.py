@@ -54,7 +54,7 @@ from imgbridge.crc32c import crc32c_raw
 from imgbridge.errors import InvalidImageError, InvalidInputError, UnsupportedFeatureError
 from imgbridge.model.fs import Filesystem
 from imgbridge.model.tree import Entry, EntryType
-from imgbridge.source import ByteSource
+from imgbridge.source import ByteSource, CursorFile
 
 from . import _structs as s
 
@@ -1143,44 +1143,19 @@ class Ext4Filesystem(Filesystem):
         self._inode_cache.clear()
 
 
-class _ContentIO(io.RawIOBase):
+class _ContentIO(CursorFile):
     """A file's content: logical positions mapped through the inode's runs, found lazily
     (a forward read never re-walks the map; a backward seek starts the walk again), mapped
     runs read in large pieces and holes or uninitialised runs filled with zeros."""
 
     def __init__(self, fs: Ext4Filesystem, inode: _Inode) -> None:
-        super().__init__()
+        super().__init__(inode.size)
         self._fs = fs
         self._inode = inode
-        self._size = inode.size
-        self._pos = 0
         self._runs: Iterator[_Run] = fs._runs(inode)
         self._current: _Run | None = None  # the last run pulled from the walk
         self._walked_to = 0  # the end of the runs before it, which are gone
         self._walk_done = False
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self._size + offset
-        else:
-            raise ValueError(f"bad whence {whence}")
-        if pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = pos
-        return pos
 
     def _run_for(self, block: int) -> tuple[_Run | None, int | None]:
         """The run holding ``block`` (None in a hole) and the first block past what that

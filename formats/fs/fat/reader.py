@@ -48,7 +48,7 @@ from typing import Any, BinaryIO
 from imgbridge.errors import InvalidImageError
 from imgbridge.model.fs import Filesystem
 from imgbridge.model.tree import Entry, EntryType
-from imgbridge.source import ByteSource, read_exact
+from imgbridge.source import ByteSource, CursorFile, read_exact
 
 from . import _structs as s
 
@@ -450,39 +450,20 @@ def parse_directory(data: bytes, *, where: str, fat32: bool
 # ---- reading files ---------------------------------------------------------------------------
 
 
-class _ChainFile(io.RawIOBase):
+class _ChainFile(CursorFile):
     """A file's bytes: ``runs`` of (source offset, length), contiguous clusters merged."""
 
     def __init__(self, source: ByteSource, runs: tuple[tuple[int, int], ...], size: int,
                  path: str) -> None:
+        super().__init__(size)
         self._source = source
         self._runs = runs
-        self._size = size
         self._path = path
-        self._pos = 0
         self._starts: list[int] = []
         logical = 0
         for _, length in runs:
             self._starts.append(logical)
             logical += length
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
-        if base is None:
-            raise ValueError(f"bad whence {whence}")
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, buffer: Any) -> int:
         want = min(len(buffer), self._size - self._pos, _MAX_READ)

@@ -39,7 +39,6 @@ References: ECMA-119 4th edition (ISO 9660); IEEE P1281 SUSP 1.12; IEEE P1282 RR
 from __future__ import annotations
 
 import contextlib
-import io
 import stat
 import struct
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ from pycdlib import pycdlibexception
 from imgbridge.errors import InvalidImageError, UnsupportedFeatureError
 from imgbridge.model.fs import Filesystem
 from imgbridge.model.tree import Entry, EntryType
-from imgbridge.source import ByteSource, ConcatSource, RangeSource, read_exact
+from imgbridge.source import ByteSource, ConcatSource, CursorFile, RangeSource, read_exact
 
 from . import _structs as s
 
@@ -91,20 +90,14 @@ def _translated(name: str) -> Iterator[None]:
                                 path=name) from None
 
 
-class _GuardedFile(io.RawIOBase):
+class _GuardedFile(CursorFile):
     """The file object pycdlib reads metadata through: pread-backed, unbuffered (pycdlib
     seeks before almost every read, which would throw a read-ahead buffer away), and refusing
     any single read larger than ``MAX_METADATA_READ`` before it allocates."""
 
     def __init__(self, source: ByteSource) -> None:
+        super().__init__(source.size)
         self._source = source
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
@@ -122,15 +115,6 @@ class _GuardedFile(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._source.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
 
 def _text(raw: bytes) -> str:
