@@ -263,11 +263,15 @@ def _fs_line(fs: dict[str, Any]) -> str:
 @click.option("--platform", help="Container images: convert this os/arch[/variant] of an index.")
 @click.option("-P", "--partition", type=int, metavar="N",
               help="Disk to filesystem: read the source's partition N (default: the root).")
+@click.option("--size", "fs_size", metavar="SIZE",
+              help="Filesystem outputs: the filesystem's size, such as 2G (-o size=); "
+                   "default: the content plus headroom.")
 def convert_cmd(
     src: str, dst: str, fmt: str | None, out_fmt: str | None, opts: Sequence[str],
     snapshot: str | None, compress: bool, base: str | None, base_fmt: str | None,
     progress: bool, quiet: bool, show_plan: bool, sync: bool, allow_outside_backing: bool,
     tags: Sequence[str], flatten: bool, platform: str | None, partition: int | None,
+    fs_size: str | None,
 ) -> None:
     """Convert SRC into DST (written to a temporary file and renamed at the end).
 
@@ -289,6 +293,13 @@ def convert_cmd(
             click.echo(f"  {key:<20}{text}")
         return
     options = parse_options(list(opts))
+    if fs_size is not None:
+        if options.get("size", fs_size) != fs_size:
+            raise click.UsageError(f"--size {fs_size} and -o size={options['size']} disagree")
+        if default_registry().for_output(out_fmt, dst).kind.value != "fs":
+            raise click.UsageError("--size applies to filesystem outputs (-O ext4, vfat, "
+                                   "iso9660)")
+        options["size"] = fs_size
     if show_plan:
         click.echo(plan(src, dst, format=fmt, output_format=out_fmt))
         return

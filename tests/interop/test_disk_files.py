@@ -67,19 +67,25 @@ def rich_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_rich_tree(tmp_path_factory.mktemp("rich") / "tree", big_dir=300)
 
 
-@pytest.fixture(scope="module")
-def partitioned_disk(tmp_path_factory: pytest.TempPathFactory, rich_tree: Path) -> Path:
-    """A GPT disk: an ESP (FAT32 by mkfs.vfat, files by mcopy), a Linux data partition (a
-    small ext2) and the root partition (mke2fs -t ext4 -d of the rich tree)."""
+@pytest.fixture(scope="module", params=["gpt", "mbr"])
+def partitioned_disk(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                     rich_tree: Path) -> Path:
+    """A disk partitioned by sfdisk (GPT, or MBR): an ESP (FAT32 by mkfs.vfat, files by
+    mcopy), a Linux data partition (a small ext2) and the root partition (mke2fs -t ext4 -d
+    of the rich tree). The root is found by its DPS type on GPT, as the largest Linux
+    filesystem on MBR."""
     for tool in ("sfdisk", "mke2fs", "mkfs.vfat", "mcopy"):
         require_tool(tool)
     work = tmp_path_factory.mktemp("disk")
     disk = work / "disk.raw"
     with open(disk, "wb") as f:
         f.truncate(150 * MiB)
-    script = (f"label: gpt\nstart=1MiB, size=40MiB, type={ESP}, name=esp\n"
-              f"size=8MiB, type={LINUX}, name=data\n"
-              f"type={ROOT_X86_64}, name=root\n")
+    if request.param == "gpt":
+        script = (f"label: gpt\nstart=1MiB, size=40MiB, type={ESP}, name=esp\n"
+                  f"size=8MiB, type={LINUX}, name=data\n"
+                  f"type={ROOT_X86_64}, name=root\n")
+    else:
+        script = "label: dos\nstart=1MiB, size=40MiB, type=ef\nsize=8MiB, type=83\ntype=83\n"
     run_tool("sfdisk", "-q", disk, input_text=script)
     esp = work / "esp.fat"
     with open(esp, "wb") as f:
@@ -151,6 +157,10 @@ def test_debugfs_agrees_on_a_sample(partitioned_disk: Path, tmp_path: Path) -> N
         assert int(fields["Mode"], 8) == entry.mode, path
         assert (int(fields["User"]), int(fields["Group"])) == (entry.uid, entry.gid), path
         assert int(fields["Size"]) == entry.size, path
+        listed = run_tool("debugfs", "-R", f"ea_list /{path}", root).stdout
+        for name, _ in entry.xattrs:
+            short = name.removeprefix("user.")  # debugfs prints user.* names in full too
+            assert short in listed, (path, name, listed)
         assert f"mtime: {entry.mtime // 10**9 & 0xFFFFFFFF:#010x}" in stat
 
 
@@ -280,3 +290,38 @@ def test_convert_tar_and_disk_to_ext4(tmp_path: Path) -> None:
     imgbridge.convert(FIXTURES / "small-gpt.qcow2", from_disk, output_format="ext4",
                       sync=False)
     assert [c.path for c in imgbridge.diff(FIXTURES / "small-gpt.qcow2", from_disk)] == []
+
+
+def test_hostile_trees_inside_a_disk_give_one_line(tmp_path: Path) -> None:
+    """A symlink loop and an escape attempt inside an ext4 disk: cat refuses the loop in one
+    line, and an absolute link is followed inside the disk, never on the host."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    os.symlink("b", tree / "a")
+    os.symlink("a", tree / "b")
+    os.symlink("/etc/passwd", tree / "passwd-link")
+    (tree / "etc").mkdir()
+    (tree / "etc" / "passwd").write_bytes(b"root:x:0:0:inside the disk\n")
+    disk = tmp_path / "loop.ext4"
+    imgbridge.convert(tree, disk, output_format="ext4", sync=False)
+    proc = run_cli_process("cat", disk, "/a")
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    assert "too many levels of symbolic links" in proc.stderr
+    assert b"".join(imgbridge.read_file(disk, "/passwd-link")) == b"root:x:0:0:inside the disk\n"
+
+
+def test_convert_errors_are_one_line(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(os.urandom(3 * MiB))
+    proc = run_cli_process("convert", tree, tmp_path / "small.ext4", "-o", "size=1M")
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "needs at least" in proc.stderr
+    assert not list(tmp_path.glob("*.ext4")) and not list(tmp_path.glob(".*.part"))
+    proc = run_cli_process("convert", "-P", "1", FIXTURES / "small.raw", tmp_path / "x.iso",
+                           "-f", "raw")
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no partition table" in proc.stderr
+    proc = run_cli_process("convert", "-P", "1", FIXTURES / "small.qcow2", tmp_path / "x.qcow2")
+    assert proc.returncode != 0 and "--partition applies when the output is a filesystem" \
+        in proc.stderr
