@@ -54,8 +54,9 @@ Bpb = Struct(
     "total_sectors_32" / Int32ul,
 )
 
-#: The FAT12/16 extended BPB at offset 36.
-ExtBpb16 = Struct(
+#: The tail both extended BPBs share: BIOS drive, the extended boot signature, and the volume
+#: id, label and type string it vouches for.
+_VOLUME_FIELDS = (
     "drive_number" / Int8ul,
     Padding(1),
     "boot_signature" / Int8ul,
@@ -63,6 +64,9 @@ ExtBpb16 = Struct(
     "label" / Bytes(11),
     "fs_type" / Bytes(8),
 )
+
+#: The FAT12/16 extended BPB at offset 36.
+ExtBpb16 = Struct(*_VOLUME_FIELDS)
 
 #: The FAT32 extended BPB at offset 36.
 ExtBpb32 = Struct(
@@ -73,12 +77,7 @@ ExtBpb32 = Struct(
     "fsinfo_sector" / Int16ul,
     "backup_boot_sector" / Int16ul,
     Padding(12),
-    "drive_number" / Int8ul,
-    Padding(1),
-    "boot_signature" / Int8ul,
-    "volume_id" / Int32ul,
-    "label" / Bytes(11),
-    "fs_type" / Bytes(8),
+    *_VOLUME_FIELDS,
 )
 
 EXT_FLAGS_NO_MIRROR = 0x80

@@ -1,9 +1,10 @@
 """FAT12, FAT16 and FAT32 as a file tree: boot sector, FAT chains, directories with long names.
 
-The FAT type is decided the way fatgen103 says it must be, by the count of data clusters
-alone (under 4085: FAT12, under 65525: FAT16, else FAT32), never by the type string, which
-is informational. FAT12/16 keep the root directory in a fixed region after the FATs; FAT32
-keeps it in a cluster chain like any other directory.
+The FAT type is decided by the count of data clusters as fatgen103 says (under 4085: FAT12,
+else FAT16) and by the BPB's shape for FAT32 (a zero 16-bit FAT size), as Linux and fsck.fat
+decide it: mkfs.fat -F 32 writes FAT32 volumes of fewer than 65525 clusters. The type string
+is informational and never read. FAT12/16 keep the root directory in a fixed region after the
+FATs; FAT32 keeps it in a cluster chain like any other directory.
 
 Names: a run of VFAT long-name entries (UTF-16, 13 units each, last one first) belongs to the
 short entry that follows it only when every ordinal is in sequence and every checksum equals
@@ -58,8 +59,6 @@ FORMAT = "vfat"
 #: FAT32 tables are read in pages of this many entries, a bounded number of them kept.
 _PAGE_ENTRIES = 1 << 16
 _CACHED_PAGES = 64
-#: Past this many clusters a chain walk tracks visits in a bitmap instead of a set.
-_SET_LIMIT = 1 << 16
 #: The largest single read when streaming a file.
 _MAX_READ = 4 << 20
 _NS = 1_000_000_000
@@ -140,12 +139,21 @@ def parse_boot_sector(sector: bytes) -> FatGeometry:
     clusters = (total - metadata) // bpb.sectors_per_cluster
     if clusters == 0:
         raise _bad("the volume has no data cluster")
-    bits = (12 if clusters <= s.FAT12_MAX_CLUSTERS
-            else 16 if clusters <= s.FAT16_MAX_CLUSTERS else 32)
-    if bits == 32 and (not fat32_shape or bpb.root_entries):
-        raise _bad(f"{clusters} clusters make a FAT32 volume, but the BPB is a FAT12/16 one")
-    if bits != 32 and (fat32_shape or not bpb.root_entries):
-        raise _bad(f"{clusters} clusters make a FAT{bits} volume, but the BPB is a FAT32 one")
+    # A FAT32 BPB (no 16-bit FAT size, no fixed root directory) makes a FAT32 volume whatever
+    # its cluster count: mkfs.fat -F 32 writes such volumes under 65525 clusters, and Linux
+    # and fsck.fat read them as FAT32. Between FAT12 and FAT16 the count decides.
+    if fat32_shape:
+        bits = 32
+        if bpb.root_entries:
+            raise _bad("the BPB is a FAT32 one but gives a fixed root directory")
+    else:
+        bits = 12 if clusters <= s.FAT12_MAX_CLUSTERS else 16
+        if clusters > s.FAT16_MAX_CLUSTERS:
+            raise _bad(f"{clusters} clusters are more than FAT16 can number, but the BPB is a "
+                       "FAT12/16 one")
+        if not bpb.root_entries:
+            raise _bad(f"{clusters} clusters make a FAT{bits} volume, but the BPB gives no "
+                       "root directory")
     if bits == 32 and clusters > s.FAT32_MAX_CLUSTERS:
         raise _bad(f"{clusters} clusters are more than FAT32 can number")
     if fat_sectors * bps * 8 // bits < clusters + s.FIRST_CLUSTER:
@@ -242,6 +250,33 @@ class _FatTable:
                          what="the FAT")
         return _native(array.array("I", raw))
 
+    def run_length(self, cluster: int, limit: int) -> int:
+        """How many links from ``cluster`` on go straight to the next cluster (c to c + 1),
+        at most ``limit``: a contiguous file costs a few slice comparisons, not a lookup per
+        cluster. May stop early (a FAT32 entry with its reserved bits set); never overshoots."""
+        limit = min(limit, self._geo.last_cluster - cluster)
+        done = 0
+        chunk = 16
+        while done < limit:
+            first = cluster + done
+            table, index = self._table_at(first)
+            size = min(chunk, limit - done, len(table) - index)
+            got = table[index:index + size]
+            if got == array.array(table.typecode, range(first + 1, first + size + 1)):
+                done += size
+                chunk = min(chunk * 2, _PAGE_ENTRIES)
+                continue
+            return done + next(j for j in range(size) if got[j] != first + j + 1)
+        return done
+
+    def _table_at(self, cluster: int) -> tuple[array.array[int], int]:
+        """The array holding ``cluster``'s entry and the entry's index in it."""
+        if self._small is not None:
+            return self._small, cluster
+        page_no, index = divmod(cluster, _PAGE_ENTRIES)
+        self.get(cluster)  # loads the page into the cache
+        return self._pages[page_no], index
+
     def free_clusters(self) -> int:
         """How many data clusters are free, counted over the whole table in pages."""
         first, end = s.FIRST_CLUSTER, self._entries
@@ -266,33 +301,6 @@ def _native(table: array.array[int]) -> array.array[int]:
     if sys.byteorder == "big":
         table.byteswap()
     return table
-
-
-class _Visited:
-    """The clusters one chain walk has seen: a set while small, a bitmap when it grows."""
-
-    def __init__(self, cluster_limit: int) -> None:
-        self._limit = cluster_limit
-        self._set: set[int] | None = set()
-        self._bits = bytearray()
-
-    def add(self, cluster: int) -> bool:
-        """Record ``cluster``; False if it was seen before."""
-        if self._set is not None:
-            if cluster in self._set:
-                return False
-            self._set.add(cluster)
-            if len(self._set) > _SET_LIMIT:
-                self._bits = bytearray(self._limit // 8 + 1)
-                for seen in self._set:
-                    self._bits[seen >> 3] |= 1 << (seen & 7)
-                self._set = None
-            return True
-        byte, bit = cluster >> 3, 1 << (cluster & 7)
-        if self._bits[byte] & bit:
-            return False
-        self._bits[byte] |= bit
-        return True
 
 
 # ---- directories -----------------------------------------------------------------------------
@@ -539,29 +547,42 @@ class FatFilesystem(Filesystem):
     def _file_runs(self, start: int, size: int, where: str) -> tuple[tuple[int, int], ...]:
         """The runs holding a file's ``size`` bytes; the chain must be at least that long.
 
-        Runs are merged as the chain is walked, so memory grows with the file's fragments,
-        not its clusters; clusters past ``size`` are not followed (fsck's business)."""
+        The chain is walked a run of contiguous clusters at a time, so time and memory grow
+        with the file's fragments, not its clusters. The clusters seen are kept as sorted,
+        disjoint intervals: a chain that comes back to one of them loops. Clusters past
+        ``size`` are not followed (fsck's business)."""
         if size == 0:
             return ()
         geo = self.geometry
         self._check_start(start, where)
         needed = -(-size // geo.cluster_size)
-        visited = _Visited(geo.last_cluster + 1)
-        visited.add(start)
+        starts, ends = [start], [start]  # the visited intervals, by first cluster
+        current = 0  # the interval the walk is in
         runs: list[list[int]] = [[geo.cluster_offset(start), geo.cluster_size]]
-        cluster = start
-        for count in range(1, needed):
+        cluster, count = start, 1
+        while count < needed:
+            ahead = self._fat.run_length(cluster, needed - count)
+            if ahead:
+                last = cluster + ahead
+                before = bisect.bisect_right(starts, last) - 1
+                if before != current:
+                    raise _bad(f"{where}: its cluster chain loops back to cluster "
+                               f"{starts[before]}")
+                ends[current] = last
+                runs[-1][1] += ahead * geo.cluster_size
+                cluster, count = last, count + ahead
+                continue
             following = self._next(cluster, where)
             if following == 0:
                 raise _bad(f"{where}: {size} bytes, but its cluster chain holds only "
                            f"{count} clusters of {geo.cluster_size} bytes")
-            if not visited.add(following):
+            current = bisect.bisect_right(starts, following)
+            if current and ends[current - 1] >= following:
                 raise _bad(f"{where}: its cluster chain loops back to cluster {following}")
-            if following == cluster + 1:
-                runs[-1][1] += geo.cluster_size
-            else:
-                runs.append([geo.cluster_offset(following), geo.cluster_size])
-            cluster = following
+            starts.insert(current, following)
+            ends.insert(current, following)
+            runs.append([geo.cluster_offset(following), geo.cluster_size])
+            cluster, count = following, count + 1
         runs[-1][1] -= needed * geo.cluster_size - size
         return tuple((offset, length) for offset, length in runs)
 

@@ -228,14 +228,20 @@ def _assign_short_names(directory: _Node) -> None:
             taken.add(candidate)
         else:
             tails.append((child, base, ext))
+    # Numbers only grow per basis, so thousands of names sharing one ("file0001.txt"...)
+    # cost one probe each, not a scan from ~1 every time.
+    next_number: dict[tuple[str, str], int] = {}
     for child, base, ext in tails:
-        for number in range(1, 1_000_000):
+        number = next_number.get((base, ext), 1)
+        while True:
             tail = f"~{number}"
+            if len(tail) > 7:
+                raise InvalidInputError(f"{child.name}: no unique short name is left")
             candidate = _pack_short(base[:8 - len(tail)] + tail, ext)
+            number += 1
             if candidate not in taken:
                 break
-        else:
-            raise InvalidInputError(f"{child.name}: no unique short name is left")
+        next_number[(base, ext)] = number
         child.short_name = candidate
         taken.add(candidate)
 

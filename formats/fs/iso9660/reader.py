@@ -61,6 +61,10 @@ __all__ = ["IsoFilesystem", "MAX_METADATA_READ", "decode_device"]
 MAX_METADATA_READ = 256 << 20
 
 _FILE_MULTI_EXTENT = 0x80
+#: Byte 7 of a supplementary volume descriptor holds its flags; bit 0 set says its escape
+#: sequences are not registered ISO 2375 ones (ECMA-119 8.5.3), so it is not Joliet.
+_VD_FLAGS_OFFSET = 7
+_SVD_FLAG_NOT_ISO2375 = 0x01
 _SL_CONTINUE, _SL_CURRENT, _SL_PARENT, _SL_ROOT = 0x01, 0x02, 0x04, 0x08
 
 _TYPES_BY_FORMAT = {
@@ -95,9 +99,11 @@ class _GuardedFile(CursorFile):
     seeks before almost every read, which would throw a read-ahead buffer away), and refusing
     any single read larger than ``MAX_METADATA_READ`` before it allocates."""
 
-    def __init__(self, source: ByteSource) -> None:
+    def __init__(self, source: ByteSource, masked: frozenset[int] = frozenset()) -> None:
         super().__init__(source.size)
         self._source = source
+        #: Offsets of volume descriptor flag bytes shown with bit 0 set (see ``_open``).
+        self._masked = masked
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
@@ -107,6 +113,12 @@ class _GuardedFile(CursorFile):
                 f"a metadata structure at offset {self._pos} claims {size} bytes",
                 format="iso9660", path=self._source.name, offset=self._pos)
         data = self._source.read_at(self._pos, size)
+        hit = [offset for offset in self._masked if self._pos <= offset < self._pos + len(data)]
+        if hit:
+            patched = bytearray(data)
+            for offset in hit:
+                patched[offset - self._pos] |= _SVD_FLAG_NOT_ISO2375
+            data = bytes(patched)
         self._pos += len(data)
         return data
 
@@ -165,18 +177,44 @@ class IsoFilesystem(Filesystem):
         self._descriptors = self._read_descriptors()
         primary = self._descriptors[s.VD_PRIMARY][0]
         self._block = primary.block_size
-        self._iso = pycdlib.PyCdlib()
-        self._file = _GuardedFile(source)
-        with _translated(self._name):
-            self._iso.open_fp(cast(BinaryIO, self._file))
+        joliet_flags = frozenset(
+            s.DESCRIPTOR_START + index * s.SECTOR + _VD_FLAGS_OFFSET
+            for index, svd in self._descriptor_order
+            if svd.escape_sequences[:3] in s.JOLIET_ESCAPES
+            and not svd.flags & _SVD_FLAG_NOT_ISO2375)
+        self._joliet = bool(joliet_flags)
+        # With Rock Ridge the Joliet tree is never read, yet pycdlib would parse all of it
+        # (half the cost of listing): it is shown a Joliet descriptor whose flag says its
+        # escape sequences are not ISO 2375 ones, which pycdlib then passes over. If the
+        # volume turns out to have no Rock Ridge after all, it is parsed again, whole.
+        hide = self._joliet and self._root_uses_susp()
+        self._iso = self._open(joliet_flags if hide else frozenset())
+        if hide and not self._iso.rock_ridge:
+            self._iso.close()
+            self._iso = self._open(frozenset())
         self._rock_ridge: str = self._iso.rock_ridge or ""
-        self._joliet = self._iso.joliet_vd is not None
+
+    def _open(self, masked: frozenset[int]) -> Any:
+        iso = pycdlib.PyCdlib()
+        with _translated(self._name):
+            iso.open_fp(cast(BinaryIO, _GuardedFile(self._source, masked)))
+        return iso
+
+    def _root_uses_susp(self) -> bool:
+        """Whether the root's "." record starts its system use area with SUSP's SP entry,
+        as every Rock Ridge volume's does (SUSP 5.3)."""
+        primary = self._descriptors[s.VD_PRIMARY][0]
+        extent = int.from_bytes(primary.root_record[2:6], "little")
+        record = self._source.read_at(extent * self._block, 64)
+        length = record[0] if record else 0
+        return record[34:36] == b"SP" and length >= 41
 
     # -- volume descriptors ---------------------------------------------------------------
 
     def _read_descriptors(self) -> dict[int, list[Any]]:
         """Every volume descriptor up to the terminator, checked before pycdlib sees them."""
         found: dict[int, list[Any]] = {}
+        self._descriptor_order: list[tuple[int, Any]] = []
         for index in range(s.MAX_DESCRIPTORS):
             offset = s.DESCRIPTOR_START + index * s.SECTOR
             raw = read_exact(self._source, offset, s.SECTOR, what="ISO9660 volume descriptor")
@@ -188,6 +226,8 @@ class IsoFilesystem(Filesystem):
                 break
             parsed = (s.BootRecord if kind == s.VD_BOOT_RECORD else s.VolumeDescriptor).parse(raw)
             found.setdefault(kind, []).append(parsed)
+            if kind == s.VD_SUPPLEMENTARY:
+                self._descriptor_order.append((index, parsed))
         else:
             raise InvalidImageError(f"no volume descriptor terminator in the first "
                                     f"{s.MAX_DESCRIPTORS} descriptors", format="iso9660",

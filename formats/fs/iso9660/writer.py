@@ -18,7 +18,8 @@ What each part of the image carries:
 * Joliet (UCS-2, level 3) for Windows: directories and regular files (hardlinks too);
   symlinks, devices, fifos and sockets are left out, as genisoimage does. Names lose the
   characters Joliet forbids (``* / : ; ? \\``) and are cut to 64 bytes of UTF-8 (pycdlib's
-  limit), made unique with a ``~N`` tail.
+  limit) keeping an extension of up to 8 characters, made unique with a ``~N`` tail before
+  the extension.
 
 pycdlib gaps and how they are filled: it writes no PN record, so a device's PN is added to
 its directory record after pycdlib made it and the record is placed again in its directory
@@ -74,6 +75,8 @@ _MAX_EXTENT = 0xFFFFF800
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 _JOLIET_FORBIDDEN = frozenset("*/:;?\\")
 _JOLIET_MAX_BYTES = 64
+#: The longest extension (without its dot) kept when a Joliet name is cut.
+_JOLIET_KEPT_SUFFIX = 8
 _ISO_MAX_DEPTH = 8
 _COPY_BLOCK = 1 << 20
 _FORMAT_BITS = {
@@ -228,6 +231,21 @@ def _cut_utf8(text: str, limit: int) -> str:
     return data[:limit].decode("utf-8", "ignore")
 
 
+def _joliet_fit(name: str, tail: str) -> str:
+    """``name`` with ``tail`` before its extension, cut to Joliet's 64 bytes; a short
+    extension (".txt", ".tar.gz" keeps ".gz") survives the cut, so Windows still knows the
+    file's type."""
+    if not tail and len(name.encode("utf-8")) <= _JOLIET_MAX_BYTES:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem or len(suffix.encode("utf-8")) > _JOLIET_KEPT_SUFFIX:
+        stem, suffix = name, ""
+    else:
+        suffix = "." + suffix
+    room = _JOLIET_MAX_BYTES - len(tail) - len(suffix.encode("utf-8"))
+    return _cut_utf8(stem, room) + tail + suffix
+
+
 def _joliet_names(names: list[str]) -> dict[str, str]:
     """Joliet names for the children of one directory, unique, in the order given."""
     taken: set[str] = set()
@@ -236,11 +254,10 @@ def _joliet_names(names: list[str]) -> dict[str, str]:
         clean = "".join(
             "_" if ch in _JOLIET_FORBIDDEN or ch < " " or "\udc80" <= ch <= "\udcff" else ch
             for ch in name)
-        candidate, number = _cut_utf8(clean, _JOLIET_MAX_BYTES), 0
+        candidate, number = _joliet_fit(clean, ""), 0
         while candidate in taken:
             number += 1
-            tail = f"~{number}"
-            candidate = _cut_utf8(clean, _JOLIET_MAX_BYTES - len(tail)) + tail
+            candidate = _joliet_fit(clean, f"~{number}")
         taken.add(candidate)
         out[name] = candidate
     return out

@@ -34,7 +34,7 @@ from imgbridge.output import AtomicOutput
 from imgbridge.progress import no_progress
 from imgbridge.registry import ProbeInput
 from imgbridge.resolver import CompanionResolver
-from imgbridge.source import BytesSource, FileSource
+from imgbridge.source import BytesSource, ConcatSource, FileSource
 
 MiB = 1 << 20
 #: mtools converts names through the locale and times through the time zone.
@@ -206,6 +206,98 @@ def test_reader_4096_byte_sectors(tmp_path: Path, source: Path) -> None:
         _assert_tree(fs, source)
 
 
+def test_reader_small_fat32_from_mkfs(tmp_path: Path, source: Path) -> None:
+    """mkfs.fat -F 32 makes FAT32 volumes of fewer than 65525 clusters (small ESPs, with a
+    warning); fsck.fat and Linux read them as FAT32 by their BPB, and so must we. (mtools
+    refuses them, so the files are copied in while the volume is large, then it is shrunk.)"""
+    small = _mkfs(tmp_path / "small.img", 20 * MiB, "-F", "32", "-n", "SMALL")
+    assert "32 bit entries" in run_tool(_tool("fsck.fat"), "-n", "-v", small).stdout
+    with FileSource(small) as src:
+        assert fat.FatFilesystem(src).info()["fat-bits"] == 32
+    image = _mkfs(tmp_path / "small32.img", 64 * MiB, "-F", "32", "-n", "SMALL")
+    _fill(image, source)
+    boot = image.read_bytes()[:512]
+    reserved, fat_size = struct.unpack_from("<H", boot, 14)[0], struct.unpack_from("<I", boot,
+                                                                                    36)[0]
+    _patch(image, 32, struct.pack("<I", reserved + 2 * fat_size + 40_000))
+    fsck = subprocess.run([_tool("fsck.fat"), "-n", "-v", str(image)], capture_output=True,
+                          text=True).stdout
+    assert "32 bit entries" in fsck and "/40000 clusters" in fsck, fsck
+    with FileSource(image) as src:
+        fs = fat.FatFilesystem(src)
+        info = fs.info()
+        assert (info["fat-bits"], info["label"]) == (32, "SMALL")
+        assert info["clusters"] < 65525
+        _assert_tree(fs, source)
+    assert _blkid(image)["VERSION"] == "FAT32"
+
+
+def _with_cluster_count(image: Path, clusters: int, fat_sectors: int | None = None) -> None:
+    """Set a FAT12/16 volume's sector count (and FAT size) so it has exactly ``clusters``
+    clusters of one sector; a new FAT size gets fresh, empty FATs and root directory."""
+    boot = image.read_bytes()[:512]
+    reserved, nfats, root_entries = struct.unpack_from("<HBH", boot, 14)
+    fat_size = fat_sectors or struct.unpack_from("<H", boot, 22)[0]
+    metadata = reserved + nfats * fat_size + root_entries * 32 // 512
+    _patch(image, 19, struct.pack("<H", 0))
+    _patch(image, 32, struct.pack("<I", metadata + clusters))
+    if fat_sectors is not None:
+        _patch(image, 22, struct.pack("<H", fat_sectors))
+        _patch(image, reserved * 512, bytes((metadata - reserved) * 512))
+        for copy in range(nfats):
+            _patch(image, (reserved + copy * fat_size) * 512, b"\xf8\xff\xff\xff")
+
+
+@pytest.mark.parametrize("clusters, bits", [(4084, 12), (4085, 16), (65524, 16)])
+def test_reader_fat_type_at_cluster_count_boundaries(tmp_path: Path, clusters: int,
+                                                     bits: int) -> None:
+    image = _mkfs(tmp_path / "b.img", 32 * MiB, "-F", "16", "-s", "1")
+    _with_cluster_count(image, clusters, 257 if clusters > 65000 else None)
+    with open(image, "r+b") as f:
+        f.truncate(40 * MiB)
+    done = subprocess.run([_tool("fsck.fat"), "-n", "-v", str(image)], capture_output=True,
+                          text=True)
+    assert f"{bits} bit entries" in done.stdout and f"/{clusters} clusters" in done.stdout
+    with FileSource(image) as src:
+        geometry = fat.FatFilesystem(src).geometry
+    assert (geometry.fat_bits, geometry.cluster_count) == (bits, clusters)
+
+
+def test_reader_refuses_fat16_of_65525_clusters(tmp_path: Path) -> None:
+    """65525 clusters cannot be FAT16 (fsck.fat and Linux refuse such a volume too)."""
+    image = _mkfs(tmp_path / "b.img", 32 * MiB, "-F", "16", "-s", "1")
+    _with_cluster_count(image, 65525, 257)
+    with open(image, "r+b") as f:
+        f.truncate(40 * MiB)
+    assert subprocess.run([_tool("fsck.fat"), "-n", str(image)],
+                          capture_output=True).returncode != 0
+    with FileSource(image) as src, pytest.raises(InvalidImageError, match="65525 clusters"):
+        fat.FatFilesystem(src)
+
+
+def test_reader_fat32_active_fat_without_mirroring(tmp_path: Path) -> None:
+    """ext_flags bit 7 turns mirroring off and bits 0-3 name the FAT in use: FAT 1 here, with
+    FAT 0 wiped. mtools follows the flag (fsck.fat does not), and so must we."""
+    image = _mkfs(tmp_path / "m.img", 64 * MiB, "-F", "32")
+    payload = random.Random(7).randbytes(300_000)
+    (tmp_path / "r.bin").write_bytes(payload)
+    _mtools("mcopy", "-i", image, tmp_path / "r.bin", "::")
+    reserved = struct.unpack_from("<H", image.read_bytes()[:512], 14)[0]
+    _patch(image, 40, struct.pack("<H", 0x81))
+    _patch(image, reserved * 512 + 3 * 4, bytes(4 * 600))
+    assert subprocess.run([_tool("mtype"), "-i", str(image), "::/r.bin"], capture_output=True,
+                          env=MTOOLS_ENV, check=True).stdout == payload
+    with FileSource(image) as src:
+        files = {e.path: e for e in fat.FatFilesystem(src).entries()}
+        with files["r.bin"].open() as stream:
+            assert stream.read() == payload
+    _patch(image, 40, struct.pack("<H", 0x80))  # FAT 0 active: its chain is gone
+    with FileSource(image) as src, pytest.raises(InvalidImageError, match="free cluster"):
+        for entry in fat.FatFilesystem(src).entries():
+            if entry.type is EntryType.FILE:
+                _sha(entry.open())
+
+
 @pytest.mark.parametrize("bits, size", [(12, 4 * MiB), (16, 20 * MiB)])
 def test_reader_fragmented_file(tmp_path: Path, bits: int, size: int) -> None:
     """Delete every other small file, then copy a big one: mtools fills the holes, so the big
@@ -356,11 +448,14 @@ def _write(image: Path, root: Path, **options: str) -> Path:
 
 
 def _fsck_clean(image: Path) -> str:
-    """fsck.fat -n must exit 0 and say nothing but its banner and the summary line."""
-    done = subprocess.run([_tool("fsck.fat"), "-n", str(image)], capture_output=True, text=True)
+    """fsck.fat -n -V (a check pass, then a verification pass) must exit 0 and say nothing but
+    its banner, the names of its two passes and the summary line."""
+    done = subprocess.run([_tool("fsck.fat"), "-n", "-V", str(image)], capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == 2 and re.match(r".*: \d+ files, \d+/\d+ clusters$", lines[1]), lines
+    assert lines[1:3] == ["Starting check/repair pass.", "Starting verification pass."], lines
+    assert len(lines) == 4 and re.match(r".*: \d+ files, \d+/\d+ clusters$", lines[3]), lines
     return done.stdout
 
 
@@ -452,6 +547,85 @@ def test_writer_rich_tree(tmp_path: Path) -> None:
     # mtime of 2049 fits FAT's range (to 2107); the usual ones keep their 2-second step.
     assert (out / "etc/hostname").stat().st_mtime_ns == RICH_MTIME_NS // 2_000_000_000 * \
         2_000_000_000
+
+
+def _short_entries(image: Path) -> dict[str, tuple[int, int]]:
+    """name -> (first cluster, size) of the first 32-byte-aligned record that looks like a
+    file or directory short entry with that name, found by scanning the raw image."""
+    out: dict[str, tuple[int, int]] = {}
+    data = image.read_bytes()
+    for match in re.finditer(rb"[\x20-\x7e]{11}[\x10\x20\x21]", data[:64 * MiB]):
+        pos = match.start()
+        if pos % 32:
+            continue
+        hi, lo, size = struct.unpack_from("<H", data, pos + 20)[0], *struct.unpack_from(
+            "<HI", data, pos + 26)
+        out.setdefault(data[pos:pos + 11].decode(), (hi << 16 | lo, size))
+    return out
+
+
+def test_writer_short_names_long_names_and_sizes(tmp_path: Path) -> None:
+    """Numeric tails past ~9, names with several dots, leading dots and spaces, long names of
+    exactly 13, 26 and 255 characters, a directory of many clusters, and files of 0 bytes and
+    of exactly one and eight clusters: judged by fsck.fat's verification pass and mtools."""
+    root = tmp_path / "names"
+    (root / "sub").mkdir(parents=True)
+    (root / "many").mkdir()
+    names = ["name.tar.gz", "name.tar.xz", ".bashrc", "a b c.txt", "x" * 13, "y" * 26,
+             "z" * 255, "MiXeD", "mixed2", "...dots", *(f"longfilename{i:03d}.txt"
+                                                         for i in range(12))]
+    for name in names:
+        (root / name).write_bytes(name.encode()[:40])
+    (root / "sub" / "empty").write_bytes(b"")
+    (root / "sub" / "one.bin").write_bytes(b"1" * 512)
+    (root / "sub" / "eight.bin").write_bytes(b"8" * 4096)
+    for i in range(1500):  # four entries each: 188 KiB of directory, 376 clusters
+        (root / "many" / f"entry number {i:05d} with a long name").write_bytes(b"%d" % i)
+    image = _write(tmp_path / "n.img", root, label="names")
+    _fsck_clean(image)
+    listing = _mtools("mdir", "-i", image, "::/").stdout
+    for short, long_name in [("NAMETA~1 GZ", "name.tar.gz"), ("NAMETA~1 XZ", "name.tar.xz"),
+                             ("BASHRC~1", ".bashrc"), ("ABC~1    TXT", "a b c.txt"),
+                             ("DOTS~1", "...dots"), ("XXXXXX~1", "x" * 13),
+                             ("YYYYYY~1", "y" * 26), ("ZZZZZZ~1", "z" * 255),
+                             ("MIXED", "MiXeD"), ("LONGFI~9 TXT", "longfilename008.txt"),
+                             ("LONGF~10 TXT", "longfilename009.txt"),
+                             ("LONGF~12 TXT", "longfilename011.txt")]:
+        assert re.search(rf"^{re.escape(short)} .* {re.escape(long_name)}$", listing,
+                         re.M), (short, listing)
+    assert re.search(r"^mixed2 +6 ", listing, re.M), listing
+    assert sorted(_mdir_names(image, "::/many")) == sorted(p.name for p in
+                                                            (root / "many").iterdir())
+    out = tmp_path / "out"
+    out.mkdir()
+    _mtools("mcopy", "-i", image, "-s", "::/", out)
+    for path in root.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(root)
+            assert (out / rel).read_bytes() == path.read_bytes(), rel
+    entries = _short_entries(image)
+    assert entries["EMPTY      "] == (0, 0)  # an empty file owns no cluster
+    sub_cluster = entries["SUB        "][0]
+    layout = build_fat32(_host_entries(root), label="names").layout
+    sub = image.read_bytes()[layout.cluster_offset(sub_cluster):][:64]
+    assert sub[:11] == b".          " and sub[32:43] == b"..         "
+    # "." names the directory itself, ".." of a directory in the root names cluster 0.
+    assert struct.unpack_from("<H", sub, 26)[0] == sub_cluster
+    assert struct.unpack_from("<HH", sub, 32 + 20)[0] == 0
+    assert struct.unpack_from("<H", sub, 32 + 26)[0] == 0
+
+
+def test_writer_many_names_sharing_a_basis_is_quick() -> None:
+    """Short names with numeric tails: 3000 names of one basis each take one probe (the
+    first writer scanned from ~1 for every name: seconds of quadratic work)."""
+    tree = [Entry("", EntryType.DIR)] + [
+        Entry(f"entry number {i:05d} with a long name.txt", EntryType.FILE, size=0,
+              opener=lambda: io.BytesIO(b"")) for i in range(3000)]
+    started = time.monotonic()
+    disk = build_fat32(tree)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.5, f"{elapsed:.1f} s"
+    disk.close()
 
 
 def test_writer_read_only_and_clamped_times(tmp_path: Path) -> None:
@@ -582,12 +756,19 @@ def _refused(image: Path, match: str) -> None:
     assert time.monotonic() - started < 2
 
 
-def test_hostile_chain_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", ["jump back", "run into"])
+def test_hostile_chain_loop(tmp_path: Path, shape: str) -> None:
     image, layout = _fat16_with_files(tmp_path)
     start = struct.unpack_from("<H", image.read_bytes(),
                                _entry_at(image, layout["root"], b"BIG     BIN") + 26)[0]
-    # The file's 16 clusters: make the 10th point back to the 3rd.
-    _set_fat16(image, layout, start + 9, start + 2)
+    if shape == "jump back":
+        # The file's 16 clusters: make the 10th point back to the 3rd.
+        _set_fat16(image, layout, start + 9, start + 2)
+    else:
+        # 0-2, then 10-12, then back to 3: the run 3..9 flows on into 10, seen already
+        # (the reader walks contiguous runs at once, so the run itself must be checked).
+        _set_fat16(image, layout, start + 2, start + 10)
+        _set_fat16(image, layout, start + 12, start + 3)
     _refused(image, "BIG.BIN: its cluster chain loops back to cluster")
 
 
@@ -654,6 +835,48 @@ def test_hostile_bpb(tmp_path: Path, field: int, value: bytes, match: str) -> No
     data[field:field + len(value)] = value
     with pytest.raises(InvalidImageError, match=match):
         fat.FatFilesystem(BytesSource(bytes(data) + bytes(8 * MiB - 4096)))
+
+
+@pytest.mark.parametrize("bits", [12, 32])
+def test_random_damage_is_refused_cleanly(tmp_path: Path, bits: int) -> None:
+    """Random bytes over the boot sector, the FAT and the first directories of an mkfs.vfat
+    volume: a tree, or InvalidImageError / UnsupportedFeatureError, never another exception,
+    never a hang. (Thousands of such runs passed while this reader was reviewed.)"""
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"hello\n")
+    (src / "A long name here.txt").write_bytes(b"long\n")
+    (src / "sub" / "r.bin").write_bytes(random.Random(1).randbytes(5000))
+    (src / "sub" / "deeper" / "x").write_bytes(b"x")
+    image = _mkfs(tmp_path / "f.img", 34 * MiB if bits == 32 else 4 * MiB, "-F", str(bits))
+    _mtools("mcopy", "-i", image, "-s", *sorted(src.iterdir()), "::")
+    clean = image.read_bytes()
+    geometry = fat.parse_boot_sector(clean[:4096])
+    root = geometry.data_offset - geometry.root_dir_bytes
+    regions = [(0, 512), (geometry.fat_offset, geometry.fat_offset + 4096), (root, root + 16384)]
+    # Only the head is damaged: the rest of the volume is shared by every damaged copy.
+    head_size = root + 16384
+    rest = BytesSource(clean[head_size:])
+    rng = random.Random(bits)
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(150):
+        damaged = bytearray(clean[:head_size])
+        for _ in range(rng.randint(1, 16)):
+            start, end = rng.choice(regions)
+            damaged[rng.randrange(start, end)] ^= 1 << rng.randrange(8)
+        started = time.monotonic()
+        try:
+            with ConcatSource([BytesSource(bytes(damaged)), rest]) as source:
+                fs = fat.FatFilesystem(source)
+                fs.info()
+                for entry in fs.entries():
+                    if entry.type is EntryType.FILE:
+                        _sha(entry.open())
+            outcomes["ok"] += 1
+        except (InvalidImageError, UnsupportedFeatureError):
+            outcomes["refused"] += 1
+        assert time.monotonic() - started < 5
+    assert outcomes["refused"] > 0 and outcomes["ok"] > 0
 
 
 def test_truncated_volume(tmp_path: Path) -> None:

@@ -239,6 +239,56 @@ def test_joliet_only(rich: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.interop
+def test_joliet_tree_left_unparsed_with_rock_ridge(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With Rock Ridge the Joliet tree is never read, so pycdlib is kept from parsing it (half
+    the cost of a listing); the volume still says it has Joliet. A volume whose root looks
+    like SUSP but that has no Rock Ridge is parsed again with its Joliet tree."""
+    tree = tmp_path / "t"
+    (tree / "Sub Dir").mkdir(parents=True)
+    (tree / "Sub Dir" / "Mixed Case name.txt").write_bytes(b"x")
+    both = _mkisofs("xorriso", ["-R", "-J"], tree, tmp_path / "rj.iso")
+    with FileSource(both) as src:
+        fs = iso9660.open(src)
+        assert fs.info()["joliet"] is True and fs.info()["rock-ridge"] == "1.09"
+        assert [e.path for e in fs.entries()] == ["", "Sub Dir", "Sub Dir/Mixed Case name.txt"]
+        assert fs._iso.joliet_vd is None
+    joliet = _mkisofs("genisoimage", ["-J"], tree, tmp_path / "j.iso")
+    monkeypatch.setattr(iso9660.IsoFilesystem, "_root_uses_susp", lambda self: True)
+    with FileSource(joliet) as src:
+        fs = iso9660.open(src)
+        assert fs.info()["joliet"] is True and fs.info()["rock-ridge"] is None
+        assert [e.path for e in fs.entries()] == ["", "Sub Dir", "Sub Dir/Mixed Case name.txt"]
+
+
+@pytest.mark.interop
+def test_multi_session_and_el_torito(tmp_path: Path) -> None:
+    """xorriso appends a session to an image file and rewrites the descriptors at sector 16
+    to point at it: the last session's tree is what is read (as Linux mounts it). An El
+    Torito boot catalog shows as the file it is recorded as."""
+    require_tool("xorriso")
+    first, second = tmp_path / "one", tmp_path / "two"
+    first.mkdir()
+    second.mkdir()
+    (first / "a").write_bytes(b"one\n")
+    (first / "boot.img").write_bytes(bytes(4096))
+    (second / "b").write_bytes(b"two\n")
+    iso = tmp_path / "ms.iso"
+    run_tool("xorriso", "-dev", iso, "-map", first, "/", "-commit")
+    run_tool("xorriso", "-dev", iso, "-map", second, "/new", "-commit")
+    assert "2 sessions" in run_tool("xorriso", "-indev", iso, "-toc").stdout
+    _, entries = _read(iso)
+    assert sorted(entries) == ["", "a", "boot.img", "new", "new/b"]
+    assert _entry_sha(entries["new/b"]) == _sha(b"two\n")
+    boot = _mkisofs("xorriso", ["-R", "-J", "-b", "boot.img", "-no-emul-boot"], first,
+                    tmp_path / "boot.iso")
+    info, entries = _read(boot)
+    assert info["el-torito"] is True
+    assert sorted(entries) == ["", "a", "boot.catalog", "boot.img"]
+    assert _entry_sha(entries["boot.img"]) == _sha(bytes(4096))
+
+
+@pytest.mark.interop
 def test_plain_iso9660(rich: Path, tmp_path: Path) -> None:
     """No extension: the ISO9660 names as recorded, without ';1' and a trailing dot."""
     info, entries = _read(_mkisofs("genisoimage", [], rich, tmp_path / "p.iso"))
@@ -681,6 +731,21 @@ def test_names_made_unique(tmp_path: Path) -> None:
     assert len(plain) == len(names)
     assert all(re.fullmatch(r"[A-Z0-9_]{1,8}\.[A-Z0-9_]{0,3};1", p) for p in plain)
     assert len(_isoinfo(iso, "-J")) == len(names)
+    _, entries = _read(iso)
+    assert set(entries) - {""} == set(names)
+
+
+def test_long_joliet_names_keep_their_extension(tmp_path: Path) -> None:
+    """Joliet names are cut to 64 characters; the extension survives the cut (and a numeric
+    tail goes before it), so Windows still knows what the file is."""
+    names = ["j" * 100 + ".txt", "j" * 100 + ".txt.gz", "j" * 101 + ".txt",
+             "k" * 100 + ".a-much-too-long-extension"]
+    tree = [Entry("", EntryType.DIR)] + [
+        Entry(name, EntryType.FILE, size=1, opener=lambda: BytesSource(b"x").as_fileobj())
+        for name in names]
+    iso = _write(tree, tmp_path / "long.iso")
+    joliet = {path.lstrip("/") for path in _isoinfo(iso, "-J")}
+    assert joliet == {"j" * 60 + ".txt", "j" * 61 + ".gz", "j" * 58 + "~1.txt", "k" * 64}
     _, entries = _read(iso)
     assert set(entries) - {""} == set(names)
 
