@@ -44,6 +44,7 @@ from urllib.parse import quote
 from imgbridge.concurrency import WriteBehind, prefetch, pwrite_all
 from imgbridge.errors import InvalidInputError
 from imgbridge.model.disk import MAX_IO, BlockState, Disk, iter_nonzero
+from imgbridge.options import parse_switch
 from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn
 
@@ -94,15 +95,6 @@ class ParentLink:
     locators: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-def _parse_bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("on", "true", "yes", "1"):
-        return True
-    if lowered in ("off", "false", "no", "0"):
-        return False
-    raise InvalidInputError(f"vhd: {name} must be on or off, not {value!r}")
-
-
 def _parse_size(name: str, value: str) -> int:
     text = value.strip().upper().removesuffix("B").removesuffix("I")
     factor = 1
@@ -117,8 +109,8 @@ def _parse_size(name: str, value: str) -> int:
 
 def plan(disk_size: int, options: Mapping[str, str]) -> Plan:
     """Validate the options and decide subformat, size, block size and geometry."""
-    azure = _parse_bool("azure", options.get("azure", "off"))
-    force_size = _parse_bool("force_size", options.get("force_size", "on"))
+    azure = parse_switch(options, "azure", False, format="vhd")
+    force_size = parse_switch(options, "force_size", True, format="vhd")
     backing = options.get("backing_file") or None
     subformat = options.get("subformat", "fixed" if azure else "dynamic")
     if subformat not in ("dynamic", "fixed"):

@@ -40,6 +40,7 @@ from imgbridge.concurrency import WriteBehind, prefetch, pwrite_all
 from imgbridge.crc32c import crc32c_with_zeroed_field
 from imgbridge.errors import InvalidInputError
 from imgbridge.model.disk import Disk, iter_nonzero
+from imgbridge.options import parse_switch
 from imgbridge.progress import ProgressFn
 
 from . import _structs as S
@@ -70,15 +71,6 @@ def parse_size(text: str, what: str) -> int:
         raise InvalidInputError(f"vhdx: {what} must be a size such as 32M, not {text!r}")
     shift = 10 * " kmgtpe".index(match.group(2).lower() or " ")
     return int(match.group(1)) << shift
-
-
-def parse_bool(text: str, what: str) -> bool:
-    value = text.strip().lower()
-    if value in ("on", "true", "yes", "1"):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise InvalidInputError(f"vhdx: {what} must be on or off, not {text!r}")
 
 
 def default_block_size(size: int) -> int:
@@ -192,7 +184,7 @@ def write_vhdx(path: str, disk: Disk, options: Mapping[str, str], progress: Prog
     block_size = parse_size(options["block_size"], "block_size") \
         if options.get("block_size") else default_block_size(size)
     log_size = parse_size(options.get("log_size", "1M"), "log_size")
-    zero_state = parse_bool(options.get("block_state_zero", "on"), "block_state_zero")
+    zero_state = parse_switch(options, "block_state_zero", True, format="vhdx")
     layout = plan_layout(size, block_size, log_size)
     fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
     try:

@@ -55,6 +55,7 @@ from typing import BinaryIO
 from imgbridge.errors import InvalidInputError, UnsupportedFeatureError
 from imgbridge.model.disk import BlockState, Disk, Run
 from imgbridge.model.tree import Entry, EntryType
+from imgbridge.options import parse_switch
 from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn
 
@@ -791,15 +792,6 @@ def _parse_volume_id(text: str) -> int:
     return value
 
 
-def _parse_switch(name: str, text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("on", "yes", "true", "1"):
-        return True
-    if lowered in ("off", "no", "false", "0"):
-        return False
-    raise InvalidInputError(f"{name} must be on or off, not {text!r}")
-
-
 def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
            progress: ProgressFn) -> None:
     """Write ``tree`` as a FAT32 volume into ``out``, a raw image (free space left sparse)."""
@@ -811,7 +803,7 @@ def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
     cluster_size = (parse_size(options["cluster_size"], what="cluster_size")
                     if options.get("cluster_size") else None)
     volume_id = _parse_volume_id(options["volume_id"]) if options.get("volume_id") else None
-    skip = _parse_switch("skip_unsupported", options.get("skip_unsupported", "off"))
+    skip = parse_switch(options, "skip_unsupported", False, format="vfat")
     with build_fat32(tree, size=size, label=options.get("label", ""), volume_id=volume_id,
                      cluster_size=cluster_size, skip_unsupported=skip) as disk:
         raw.create(out, disk, {}, progress)

@@ -54,6 +54,7 @@ from pycdlib import dates, pycdlibexception, rockridge
 
 from imgbridge.errors import InternalError, InvalidInputError, UnsupportedFeatureError
 from imgbridge.model.tree import Entry, EntryType
+from imgbridge.options import parse_switch
 from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn, no_progress
 
@@ -172,13 +173,6 @@ class _Options:
     publisher: str
 
 
-def _switch(options: Mapping[str, str], name: str) -> bool:
-    value = options.get(name, "on").lower()
-    if value not in ("on", "off"):
-        raise InvalidInputError(f"option {name} must be on or off, not {value!r}")
-    return value == "on"
-
-
 def _parse_options(options: Mapping[str, str]) -> _Options:
     unknown = set(options) - set(CREATE_OPTIONS)
     if unknown:
@@ -190,7 +184,8 @@ def _parse_options(options: Mapping[str, str]) -> _Options:
     publisher = options.get("publisher", "")
     if len(publisher) > 128 or not publisher.isascii() or not publisher.isprintable():
         raise InvalidInputError("publisher must be at most 128 printable ASCII characters")
-    return _Options(label, _switch(options, "joliet"), _switch(options, "rock_ridge"), publisher)
+    return _Options(label, parse_switch(options, "joliet", True, format="iso9660"),
+                    parse_switch(options, "rock_ridge", True, format="iso9660"), publisher)
 
 
 # -- names -----------------------------------------------------------------------------------
