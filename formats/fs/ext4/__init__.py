@@ -10,18 +10,28 @@ inodes.rst, ifork.rst, directory.rst, attributes.rst, journal.rst).
 
 from __future__ import annotations
 
+import importlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
+from imgbridge.model.tree import Entry
+from imgbridge.output import AtomicOutput
+from imgbridge.progress import ProgressFn
 from imgbridge.registry import ProbeInput
 from imgbridge.source import ByteSource
 
 from . import _structs as s
-from .reader import OPEN_OPTIONS, Ext4Filesystem, Ext4Warning
-from .writer import CREATE_OPTIONS, build_ext4, create
+
+if TYPE_CHECKING:
+    from .reader import OPEN_OPTIONS, Ext4Filesystem, Ext4Warning
+    from .writer import CREATE_OPTIONS, build_ext4
 
 __all__ = ["CREATE_OPTIONS", "OPEN_OPTIONS", "Ext4Filesystem", "Ext4Warning", "build_ext4",
            "create", "open", "probe"]
+
+_LAZY = {"OPEN_OPTIONS": ".reader", "Ext4Filesystem": ".reader", "Ext4Warning": ".reader",
+         "CREATE_OPTIONS": ".writer", "build_ext4": ".writer"}
 
 _PROBE_FIELDS = struct.Struct("<IIIIIIIIIII")  # s_inodes_count .. s_inodes_per_group
 
@@ -48,5 +58,24 @@ def probe(p: ProbeInput) -> int:
 
 def open(source: ByteSource, resolver: object, options: Mapping[str, str]) -> Ext4Filesystem:
     """Open the filesystem that ``source`` holds (companion files play no part)."""
+    from .reader import Ext4Filesystem
+
     del resolver
     return Ext4Filesystem(source, options)
+
+
+def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
+           progress: ProgressFn) -> None:
+    """Write ``tree`` as an ext4 image into ``out`` (see writer.create)."""
+    from .writer import create as write
+
+    write(out, tree, options, progress)
+
+def __getattr__(name: str) -> Any:
+    """The reader's and writer's names, imported on first use: probing every filesystem of
+    the registry on a disk must not load every reader and writer."""
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(where, __name__), name)
+

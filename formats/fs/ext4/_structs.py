@@ -67,6 +67,22 @@ STATE_VALID = 0x0001
 STATE_ERROR = 0x0002
 STATE_ORPHAN = 0x0004
 
+#: s_errors: what the kernel does on an error.
+ERRORS_CONTINUE = 1
+ERRORS_RO = 2
+ERRORS_PANIC = 3
+
+#: s_flags bits.
+FLAGS_SIGNED_HASH = 0x0001
+FLAGS_UNSIGNED_HASH = 0x0002
+
+#: s_default_mount_opts bits.
+DEFM_XATTR_USER = 0x0004
+DEFM_ACL = 0x0008
+
+#: s_jnl_backup_type: s_jnl_blocks holds a copy of the journal inode's i_block and size.
+JNL_BACKUP_BLOCKS = 1
+
 #: s_checksum_type
 CHECKSUM_TYPE_CRC32C = 1
 
@@ -323,6 +339,22 @@ EXT3_INCOMPAT_SUPPORTED = INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_B
 EXT2_RO_COMPAT_SUPPORTED = RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_BTREE_DIR
 
 
+def has_sparse_super_backup(group: int) -> bool:
+    """sparse_super: the superblock and descriptor table are backed up in groups 0, 1 and
+    the powers of 3, 5 and 7 (sparse_super2 and a filesystem without sparse_super differ)."""
+    if group <= 1:
+        return True
+    if not group & 1:
+        return False
+    for base in (3, 5, 7):
+        power = base
+        while power < group:
+            power *= base
+        if power == group:
+            return True
+    return False
+
+
 def feature_names(compat: int, incompat: int, ro_compat: int) -> list[str]:
     """Feature names in the order dumpe2fs prints them: compat, incompat, ro_compat, each by
     bit; an unnamed bit appears as e2fsprogs shows it (``FEATURE_I31``)."""
@@ -389,6 +421,9 @@ class GroupDescHigh(NamedTuple):
 GROUP_DESC_HIGH = Layout(GroupDescHigh, "<IIIHHHHIHHI", GROUP_DESC_SIZE_64BIT - GROUP_DESC_SIZE)
 
 # ---- inode -----------------------------------------------------------------------------------
+
+#: i_links_count stops here; a directory with more subdirectories has 1 (dir_nlink).
+LINK_MAX = 65000
 
 #: Reserved inode numbers.
 BAD_BLOCKS_INO = 1
@@ -525,6 +560,8 @@ EXTENT_MAGIC = 0xF30A
 EXTENT_MAX_DEPTH = 5
 #: ee_len above this marks an uninitialised extent of (ee_len - this) blocks.
 EXTENT_INIT_MAX_LEN = 1 << 15
+#: The extent tree root in i_block: a header and room for four entries.
+EXTENT_ROOT_ENTRIES = 4
 #: An extent block ends with a 4-byte checksum after eh_max entries (struct ext4_extent_tail).
 EXTENT_TAIL_SIZE = 4
 

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import _wstructs as S
+from . import _structs as s
+
+#: flex_bg: the bitmaps and inode tables of 2^4 groups are packed together (mke2fs's default).
+LOG_GROUPS_PER_FLEX = 4
+#: The writer always uses the 64bit feature's 64-byte group descriptors.
+DESC_SIZE = s.GROUP_DESC_SIZE_64BIT
 
 
 class OutOfSpace(Exception):
@@ -25,17 +30,7 @@ class OutOfSpace(Exception):
         self.short_by = short_by
 
 
-def has_super(group: int) -> bool:
-    """sparse_super: backups live in groups 0, 1 and powers of 3, 5, 7."""
-    if group <= 1:
-        return True
-    for base in (3, 5, 7):
-        n = base
-        while n < group:
-            n *= base
-        if n == group:
-            return True
-    return False
+has_super = s.has_sparse_super_backup
 
 
 def inode_alignment(block_size: int, inode_size: int) -> int:
@@ -68,7 +63,7 @@ class Geometry:
     blocks_count: int
     inodes_per_group: int
     inode_size: int
-    groups_per_flex: int = 1 << S.LOG_GROUPS_PER_FLEX
+    groups_per_flex: int = 1 << LOG_GROUPS_PER_FLEX
     groups_meta: list[GroupMeta] = field(default_factory=list)
     #: (start, length) of every metadata range, sorted.
     meta_ranges: list[tuple[int, int]] = field(default_factory=list)
@@ -87,7 +82,7 @@ class Geometry:
 
     @property
     def gdt_blocks(self) -> int:
-        return -(-(self.groups * S.DESC_SIZE) // self.block_size)
+        return -(-(self.groups * DESC_SIZE) // self.block_size)
 
     @property
     def itable_blocks(self) -> int:

@@ -12,8 +12,19 @@ from dataclasses import dataclass
 
 from imgbridge.errors import InvalidInputError, UnsupportedFeatureError
 
-from . import _wstructs as S
+from . import _structs as s
 from ._whash import xattr_block_hash, xattr_entry_hash
+
+#: The extra inode fields the writer fills (up to i_projid): i_extra_isize.
+EXTRA_ISIZE = s.INODE_EXTRA.size
+#: Where the in-inode attribute area (its magic first) starts.
+INLINE_XATTR_OFFSET = s.GOOD_OLD_INODE_SIZE + EXTRA_ISIZE
+#: The name indexes the writer stores: plain prefixes, and the two ACLs (whole names).
+_WRITABLE_PREFIXES = tuple(
+    (s.XATTR_PREFIXES[index], index)
+    for index in (s.XATTR_INDEX_USER, s.XATTR_INDEX_TRUSTED, s.XATTR_INDEX_SECURITY))
+_ACL_NAMES = {s.XATTR_PREFIXES[index]: index for index in (
+    s.XATTR_INDEX_POSIX_ACL_ACCESS, s.XATTR_INDEX_POSIX_ACL_DEFAULT)}
 
 
 @dataclass(frozen=True)
@@ -26,7 +37,7 @@ class XattrItem:
 
     @property
     def entry_size(self) -> int:
-        return S.XATTR_ENTRY.size + _pad4(len(self.name))
+        return s.XATTR_ENTRY.size + _pad4(len(self.name))
 
     @property
     def value_size(self) -> int:
@@ -43,17 +54,20 @@ def _pad4(n: int) -> int:
 
 def convert_acl(path: str, value: bytes) -> bytes:
     """A POSIX ACL as getxattr returns it (version 2, 8-byte entries) in ext4's form."""
-    header = S.ACL_XATTR_ENTRY.size
-    if len(value) < 4 or (len(value) - 4) % header:
+    entry_size = s.ACL_ENTRY.size
+    header_size = s.ACL_HEADER.size
+    if len(value) < header_size or (len(value) - header_size) % entry_size:
         raise InvalidInputError(f"{path}: a POSIX ACL xattr of {len(value)} bytes is malformed")
-    if int.from_bytes(value[:4], "little") != S.POSIX_ACL_XATTR_VERSION:
+    if s.ACL_HEADER.unpack(value).a_version != s.POSIX_ACL_XATTR_VERSION:
         raise InvalidInputError(f"{path}: POSIX ACL xattr version is not 2")
-    out = bytearray(S.EXT4_ACL_VERSION.to_bytes(4, "little"))
-    for tag, perm, ident in S.ACL_XATTR_ENTRY.iter_unpack(value[4:]):
-        if tag in (S.ACL_USER, S.ACL_GROUP):
-            out += S.ACL_EXT4_FULL.pack(tag, perm, ident)
-        elif tag in (S.ACL_USER_OBJ, S.ACL_GROUP_OBJ, S.ACL_MASK, S.ACL_OTHER):
-            out += S.ACL_EXT4_SHORT.pack(tag, perm)
+    out = bytearray(s.ACL_HEADER.pack(s.AclHeader(s.EXT4_ACL_VERSION)))
+    for pos in range(header_size, len(value), entry_size):
+        entry = s.ACL_ENTRY.unpack(value, pos)
+        tag = entry.e_tag
+        if tag in (s.ACL_USER, s.ACL_GROUP):
+            out += s.ACL_ENTRY.pack(entry)
+        elif tag in (s.ACL_USER_OBJ, s.ACL_GROUP_OBJ, s.ACL_MASK, s.ACL_OTHER):
+            out += s.ACL_ENTRY_SHORT.pack(s.AclEntryShort(tag, entry.e_perm))
         else:
             raise InvalidInputError(f"{path}: POSIX ACL entry with unknown tag {tag:#x}")
     return bytes(out)
@@ -63,14 +77,14 @@ def to_items(path: str, xattrs: tuple[tuple[str, bytes], ...]) -> tuple[XattrIte
     """The entry's attributes as ext4 items, in the kernel's block order."""
     items: list[XattrItem] = []
     for name, value in xattrs:
-        acl_index = S.XATTR_ACL_NAMES.get(name)
+        acl_index = _ACL_NAMES.get(name)
         if acl_index is not None:
             items.append(XattrItem(acl_index, b"", convert_acl(path, value)))
             continue
-        for prefix, index in S.XATTR_PREFIXES:
+        for prefix, index in _WRITABLE_PREFIXES:
             if name.startswith(prefix) and len(name) > len(prefix):
                 suffix = name[len(prefix) :].encode("utf-8", "surrogateescape")
-                if len(suffix) > S.NAME_MAX:
+                if len(suffix) > s.DIR_NAME_MAX:
                     raise InvalidInputError(f"{path}: xattr name {name!r} is too long")
                 items.append(XattrItem(index, suffix, value))
                 break
@@ -84,7 +98,7 @@ def to_items(path: str, xattrs: tuple[tuple[str, bytes], ...]) -> tuple[XattrIte
 
 def inode_space(inode_size: int) -> int:
     """Bytes after the extra fields for the in-inode attribute area (magic included)."""
-    return inode_size - S.INLINE_XATTR_OFFSET
+    return inode_size - INLINE_XATTR_OFFSET
 
 
 def fits_in_inode(items: tuple[XattrItem, ...], inode_size: int) -> bool:
@@ -94,12 +108,12 @@ def fits_in_inode(items: tuple[XattrItem, ...], inode_size: int) -> bool:
 
 
 def fits_in_block(items: tuple[XattrItem, ...], block_size: int) -> bool:
-    need = S.XATTR_BLOCK_HEADER.size + sum(i.entry_size + i.value_size for i in items) + 4
+    need = s.XATTR_HEADER.size + sum(i.entry_size + i.value_size for i in items) + 4
     return need <= block_size
 
 
 def block_need(items: tuple[XattrItem, ...]) -> int:
-    return S.XATTR_BLOCK_HEADER.size + sum(i.entry_size + i.value_size for i in items) + 4
+    return s.XATTR_HEADER.size + sum(i.entry_size + i.value_size for i in items) + 4
 
 
 def _entries_and_values(
@@ -121,12 +135,10 @@ def _entries_and_values(
         entry_hash = xattr_entry_hash(item.name, item.value)
         hashes.append(entry_hash)
         value_offs = value_pos - offset_base if item.value else 0
-        buf[entry_pos : entry_pos + S.XATTR_ENTRY.size] = S.XATTR_ENTRY.pack(
-            len(item.name), item.index, value_offs, 0, len(item.value), entry_hash
-        )
-        buf[entry_pos + S.XATTR_ENTRY.size : entry_pos + S.XATTR_ENTRY.size + len(item.name)] = (
-            item.name
-        )
+        s.XATTR_ENTRY.pack_into(buf, entry_pos, s.XattrEntry(
+            len(item.name), item.index, value_offs, 0, len(item.value), entry_hash))
+        name_at = entry_pos + s.XATTR_ENTRY.size
+        buf[name_at : name_at + len(item.name)] = item.name
         entry_pos += item.entry_size
     return buf, hashes
 
@@ -135,14 +147,13 @@ def pack_in_inode(items: tuple[XattrItem, ...], inode_size: int) -> bytes:
     """The in-inode attribute area (starting right after the extra fields)."""
     area = inode_space(inode_size)
     buf, _ = _entries_and_values(items, area, 4, 4)
-    buf[0:4] = S.XATTR_MAGIC.to_bytes(4, "little")
+    s.XATTR_IBODY_HEADER.pack_into(buf, 0, s.XattrIbodyHeader(s.XATTR_MAGIC))
     return bytes(buf)
 
 
 def pack_block(items: tuple[XattrItem, ...], block_size: int, refcount: int) -> bytearray:
     """An xattr block, checksum left zero (it depends on the block's address)."""
-    buf, hashes = _entries_and_values(items, block_size, S.XATTR_BLOCK_HEADER.size, 0)
-    buf[0 : S.XATTR_BLOCK_HEADER.size] = S.XATTR_BLOCK_HEADER.pack(
-        S.XATTR_MAGIC, refcount, 1, xattr_block_hash(hashes), 0
-    )
+    buf, hashes = _entries_and_values(items, block_size, s.XATTR_HEADER.size, 0)
+    s.XATTR_HEADER.pack_into(buf, 0, s.XattrHeader(
+        s.XATTR_MAGIC, refcount, 1, xattr_block_hash(hashes), 0, bytes(12)))
     return buf

@@ -54,6 +54,7 @@ from imgbridge.crc32c import crc32c_raw
 from imgbridge.errors import InvalidImageError, InvalidInputError, UnsupportedFeatureError
 from imgbridge.model.fs import Filesystem
 from imgbridge.model.tree import Entry, EntryType
+from imgbridge.options import parse_switch
 from imgbridge.source import ByteSource, CursorFile
 
 from . import _structs as s
@@ -142,18 +143,6 @@ def _crc16(crc: int, data: bytes) -> int:
     return crc
 
 
-def _parse_bool(options: Mapping[str, str], key: str, default: bool) -> bool:
-    text = options.get(key)
-    if text is None:
-        return default
-    value = text.strip().lower()
-    if value in ("on", "true", "yes", "1"):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise InvalidInputError(f"ext4: option {key} must be on or off, not {text!r}")
-
-
 def _decode_time(seconds: int, extra: int | None) -> int:
     """Integer nanoseconds from a signed 32-bit seconds field and its optional ``_extra``:
     the two low bits of extra extend the seconds past 2038 (added as bits 32-33 to the
@@ -230,7 +219,7 @@ class Ext4Filesystem(Filesystem):
                 hint=f"known: {', '.join(OPEN_OPTIONS)}",
             )
         self._source = source
-        self._verify = _parse_bool(options, "verify", True)
+        self._verify = parse_switch(options, "verify", True, format="ext4")
         self.warnings: list[str] = []
         self._desc_cache: OrderedDict[int, bytes] = OrderedDict()
         self._group_cache: dict[int, tuple[int, int, int]] = {}
@@ -422,17 +411,9 @@ class Ext4Filesystem(Filesystem):
             return True
         if self._compat & s.COMPAT_SPARSE_SUPER2:
             return group in self._backup_bgs
-        if group <= 1 or not self._ro_compat & s.RO_COMPAT_SPARSE_SUPER:
+        if not self._ro_compat & s.RO_COMPAT_SPARSE_SUPER:
             return True
-        if not group & 1:
-            return False
-        for base in (3, 5, 7):
-            power = base
-            while power < group:
-                power *= base
-            if power == group:
-                return True
-        return False
+        return s.has_sparse_super_backup(group)
 
     def _desc_offset(self, group: int) -> int:
         bs, dpb = self.block_size, self._descs_per_block
@@ -1061,10 +1042,15 @@ class Ext4Filesystem(Filesystem):
                             f"{inode.mode:#o}")
         fields: dict[str, Any] = {}
         if kind is EntryType.FILE:
+            if inode.flags & s.EXTENTS_FL and inode.size > (1 << 32) * self.block_size:
+                # Logical block numbers are 32 bits: no extent can reach past this size.
+                raise self._bad(f"/{path}: size {inode.size} is beyond what extents address "
+                                f"with {self.block_size}-byte blocks")
             fields["size"] = inode.size
             # The opener keeps only what reading needs (not the in-inode xattrs, unless
             # they hold inline data): listings of millions of files stay small.
-            kept = inode if inode.flags & s.INLINE_DATA_FL else replace(inode, extra=b"")
+            kept = (inode if inode.flags & s.INLINE_DATA_FL or not inode.extra
+                    else replace(inode, extra=b""))
             fields["opener"] = lambda: self._open_content(kept)
         elif kind is EntryType.SYMLINK:
             fields["link_target"] = self._symlink_target(inode, path)

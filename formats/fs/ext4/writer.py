@@ -41,13 +41,16 @@ from uuid import UUID
 from imgbridge.crc32c import crc32c_raw
 from imgbridge.errors import InvalidInputError
 from imgbridge.model.tree import Entry, EntryType
+from imgbridge.options import parse_switch
 from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn
 
+from . import _structs as s
 from . import _wdir
-from . import _wstructs as S
 from ._wdisk import Ext4Disk, Piece
 from ._wlayout import (
+    DESC_SIZE,
+    LOG_GROUPS_PER_FLEX,
     Allocator,
     Geometry,
     OutOfSpace,
@@ -55,7 +58,16 @@ from ._wlayout import (
     inode_alignment,
     max_inodes_per_group,
 )
-from ._wxattr import XattrItem, fits_in_block, fits_in_inode, pack_block, pack_in_inode, to_items
+from ._wxattr import (
+    EXTRA_ISIZE,
+    INLINE_XATTR_OFFSET,
+    XattrItem,
+    fits_in_block,
+    fits_in_inode,
+    pack_block,
+    pack_in_inode,
+    to_items,
+)
 
 __all__ = ["CREATE_OPTIONS", "build_ext4", "create"]
 
@@ -79,15 +91,29 @@ _LOST_FOUND_BYTES = 16384  # mke2fs grows lost+found to 16 KiB
 _MIN_HEADROOM = 4 * _MIB
 _TIME_MIN = -(1 << 31)
 _TIME_MAX = 3 * (1 << 32) + (1 << 31) - 1
+#: mke2fs numbers lost+found first of the ordinary inodes.
+_LOST_FOUND_INO = s.GOOD_OLD_FIRST_INO
+#: A target shorter than i_block (its NUL included) is kept in the inode: a fast symlink.
+_FAST_SYMLINK_MAX = s.I_BLOCK_SIZE - 1
+#: Extents per block of the tree (the 4-byte checksum tail fits in what is left).
+_EXTENTS_PER_BLOCK = {bs: (bs - s.EXTENT_HEADER.size) // s.EXTENT_ENTRY_SIZE
+                      for bs in (1024, 2048, 4096)}
+#: The longest initialised extent (a longer ee_len marks an uninitialised one).
+_EXTENT_MAX_LEN = s.EXTENT_INIT_MAX_LEN
+_LE16 = struct.Struct("<H")
+_LE32 = struct.Struct("<I")
+_LE64 = struct.Struct("<Q")
+#: A superblock with every field zero, for the builder to fill.
+_BLANK_SUPERBLOCK = s.SUPERBLOCK.unpack(bytes(s.SUPERBLOCK_SIZE))
 
 _FILE_TYPES = {
-    EntryType.FILE: (S.S_IFREG, S.FT_REG_FILE),
-    EntryType.DIR: (S.S_IFDIR, S.FT_DIR),
-    EntryType.SYMLINK: (S.S_IFLNK, S.FT_SYMLINK),
-    EntryType.CHAR: (S.S_IFCHR, S.FT_CHRDEV),
-    EntryType.BLOCK: (S.S_IFBLK, S.FT_BLKDEV),
-    EntryType.FIFO: (S.S_IFIFO, S.FT_FIFO),
-    EntryType.SOCKET: (S.S_IFSOCK, S.FT_SOCK),
+    EntryType.FILE: (s.S_IFREG, s.FT_REG_FILE),
+    EntryType.DIR: (s.S_IFDIR, s.FT_DIR),
+    EntryType.SYMLINK: (s.S_IFLNK, s.FT_SYMLINK),
+    EntryType.CHAR: (s.S_IFCHR, s.FT_CHRDEV),
+    EntryType.BLOCK: (s.S_IFBLK, s.FT_BLKDEV),
+    EntryType.FIFO: (s.S_IFIFO, s.FT_FIFO),
+    EntryType.SOCKET: (s.S_IFSOCK, s.FT_SOCK),
 }
 
 
@@ -124,8 +150,8 @@ class _Tree:
 
 def _name_bytes(path: str, name: str) -> bytes:
     raw = name.encode("utf-8", "surrogateescape")
-    if len(raw) > S.NAME_MAX:
-        raise InvalidInputError(f"{path}: name is {len(raw)} bytes, ext4 allows {S.NAME_MAX}")
+    if len(raw) > s.DIR_NAME_MAX:
+        raise InvalidInputError(f"{path}: name is {len(raw)} bytes, ext4 allows {s.DIR_NAME_MAX}")
     return raw
 
 
@@ -217,8 +243,8 @@ def _collect(tree: Iterable[Entry], timestamp: int | None) -> _Tree:
         assert parent.children is not None
         parent.children[_name_bytes(link.path, link.name)] = node
         node.links += 1
-        if node.links > S.LINK_MAX:
-            raise InvalidInputError(f"{target.path}: more than {S.LINK_MAX} hardlinks")
+        if node.links > s.LINK_MAX:
+            raise InvalidInputError(f"{target.path}: more than {s.LINK_MAX} hardlinks")
 
     inodes = _number(root)
     return _Tree(root, inodes, stamp, digest.digest())
@@ -241,16 +267,16 @@ def _resolve_link(link: Entry, by_path: dict[str, Entry]) -> Entry:
 def _number(root: _Inode) -> list[_Inode]:
     """Inode numbers in pre-order (sorted names): root 2, lost+found 11, the rest from 12."""
     assert root.children is not None
-    root.ino = S.ROOT_INO
+    root.ino = s.ROOT_INO
     lost = root.children.get(b"lost+found")
     if lost is None:
         lost = _Inode(Entry("lost+found", EntryType.DIR, mode=0o700, mtime=root.entry.mtime),
                       parent=root, children={})
         root.children[b"lost+found"] = lost
     out: list[_Inode] = []
-    next_ino = S.LOST_FOUND_INO
+    next_ino = _LOST_FOUND_INO
     if lost.children is not None:
-        lost.ino = S.LOST_FOUND_INO
+        lost.ino = _LOST_FOUND_INO
         out.append(lost)
         next_ino += 1
     stack = [root]
@@ -288,10 +314,11 @@ def _encode_time(path: str, ns: int) -> tuple[int, int]:
     if not _TIME_MIN <= sec <= _TIME_MAX:
         raise InvalidInputError(f"{path or '/'}: time {sec} s is outside ext4's range "
                                 "(1901-12-13 to 2446-05-10)")
+    # The seconds field is signed (before 1970 negative); the epoch bits add what it lacks.
     low = sec & 0xFFFFFFFF
     signed_low = low - (1 << 32) if low >= 1 << 31 else low
     epoch = (sec - signed_low) >> 32
-    return low, epoch | (nsec << 2)
+    return signed_low, epoch | (nsec << s.EXTRA_EPOCH_BITS)
 
 
 def _split_extents(runs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -300,7 +327,7 @@ def _split_extents(runs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     logical = 0
     for start, length in runs:
         while length:
-            take = min(length, S.EXTENT_MAX_LEN)
+            take = min(length, _EXTENT_MAX_LEN)
             out.append((logical, start, take))
             logical, start, length = logical + take, start + take, length - take
     return out
@@ -309,7 +336,7 @@ def _split_extents(runs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
 def _tree_levels(count: int, per_block: int) -> list[int]:
     """Blocks per level of an extent tree over ``count`` extents (leaves first)."""
     levels: list[int] = []
-    while count > S.INODE_EXTENT_SLOTS:
+    while count > s.EXTENT_ROOT_ENTRIES:
         count = -(-count // per_block)
         levels.append(count)
     return levels
@@ -318,25 +345,27 @@ def _tree_levels(count: int, per_block: int) -> list[int]:
 def _extent_block(entries: bytes, count: int, per_block: int, depth: int, block_size: int,
                   checksum_seed: int) -> bytes:
     block = bytearray(block_size)
-    block[:12] = S.EXTENT_HEADER.pack(S.EXTENT_MAGIC, count, per_block, depth, 0)
-    block[12 : 12 + len(entries)] = entries
-    tail = 12 + per_block * S.EXTENT_ENTRY_SIZE
-    block[tail : tail + 4] = crc32c_raw(checksum_seed, bytes(block[:tail])).to_bytes(4, "little")
+    s.EXTENT_HEADER.pack_into(block, 0, s.ExtentHeader(s.EXTENT_MAGIC, count, per_block,
+                                                      depth, 0))
+    first = s.EXTENT_HEADER.size
+    block[first : first + len(entries)] = entries
+    tail = first + per_block * s.EXTENT_ENTRY_SIZE
+    _LE32.pack_into(block, tail, crc32c_raw(checksum_seed, bytes(block[:tail])))
     return bytes(block)
 
 
 def _build_extent_tree(extents: list[tuple[int, int, int]], tree_blocks: list[int],
                        block_size: int, checksum_seed: int) -> tuple[bytes, list[Piece]]:
     """i_block (60 bytes) and the tree's blocks, placed at ``tree_blocks``."""
-    per_block = (block_size - 12) // S.EXTENT_ENTRY_SIZE
+    per_block = _EXTENTS_PER_BLOCK[block_size]
     level: list[tuple[int, bytes]] = [
-        (lb, S.EXTENT_LEAF.pack(lb, length, pb >> 32, pb & 0xFFFFFFFF))
+        (lb, s.EXTENT_LEAF.pack(s.ExtentLeaf(lb, length, pb >> 32, pb & 0xFFFFFFFF)))
         for lb, pb, length in extents
     ]
     pieces: list[Piece] = []
     depth = 0
     free_blocks = iter(tree_blocks)
-    while len(level) > S.INODE_EXTENT_SLOTS:
+    while len(level) > s.EXTENT_ROOT_ENTRIES:
         upper: list[tuple[int, bytes]] = []
         for i in range(0, len(level), per_block):
             chunk = level[i : i + per_block]
@@ -344,13 +373,14 @@ def _build_extent_tree(extents: list[tuple[int, int, int]], tree_blocks: list[in
             body = b"".join(e for _, e in chunk)
             data = _extent_block(body, len(chunk), per_block, depth, block_size, checksum_seed)
             pieces.append(Piece(where * block_size, block_size, data))
-            upper.append((chunk[0][0], S.EXTENT_INDEX.pack(chunk[0][0], where & 0xFFFFFFFF,
-                                                           where >> 32, 0)))
+            upper.append((chunk[0][0], s.EXTENT_INDEX.pack(s.ExtentIndex(
+                chunk[0][0], where & 0xFFFFFFFF, where >> 32, 0))))
         level = upper
         depth += 1
-    i_block = S.EXTENT_HEADER.pack(S.EXTENT_MAGIC, len(level), S.INODE_EXTENT_SLOTS, depth, 0)
+    i_block = s.EXTENT_HEADER.pack(s.ExtentHeader(s.EXTENT_MAGIC, len(level),
+                                                  s.EXTENT_ROOT_ENTRIES, depth, 0))
     i_block += b"".join(e for _, e in level)
-    return i_block.ljust(S.INODE_BLOCK_SIZE, b"\0"), pieces
+    return i_block.ljust(s.I_BLOCK_SIZE, b"\0"), pieces
 
 
 def _set_bits(bitmap: bytearray, start: int, end: int) -> None:
@@ -417,7 +447,7 @@ class _Planner:
         self.opts = opts
         self.csum = _Csum(opts.fs_uuid)
         self.bs = opts.block_size
-        self.max_ino = max((n.ino for n in tree.inodes), default=S.LOST_FOUND_INO)
+        self.max_ino = max((n.ino for n in tree.inodes), default=_LOST_FOUND_INO)
         self.xattr_sets: dict[tuple[XattrItem, ...], int] = {}
         self._prepare()
 
@@ -448,7 +478,7 @@ class _Planner:
                     raise InvalidInputError(
                         f"{entry.path}: a symlink target of {len(node.symlink)} bytes "
                         f"(ext4 holds 1 to {bs - 1})")
-                if len(node.symlink) > S.FAST_SYMLINK_MAX:
+                if len(node.symlink) > _FAST_SYMLINK_MAX:
                     node.content_blocks = 1
             elif node.kind in (EntryType.CHAR, EntryType.BLOCK) and (
                     entry.devmajor >= 1 << 12 or entry.devminor >= 1 << 20):
@@ -478,7 +508,8 @@ class _Planner:
             blocks = _wdir.htree_blocks(items, bs, node.ino, parent, self.opts.hash_seed,
                                         checksum)
             node.indexed = True
-        if node.ino == S.LOST_FOUND_INO:
+        if node.ino == _LOST_FOUND_INO and not node.indexed:
+            # Only a linear lost+found takes spare blocks: an htree must index each block.
             while len(blocks) * bs < _LOST_FOUND_BYTES:
                 blocks.append(_wdir.empty_block(bs, checksum))
         node.dir_blocks = blocks
@@ -487,11 +518,11 @@ class _Planner:
     # ---- sizing --------------------------------------------------------------------------
 
     def content_total(self) -> int:
-        per_block = (self.bs - 12) // S.EXTENT_ENTRY_SIZE
+        per_block = _EXTENTS_PER_BLOCK[self.bs]
         total = len(self.xattr_sets)
         for node in self.all_inodes():
             total += node.content_blocks
-            extents = -(-node.content_blocks // S.EXTENT_MAX_LEN)
+            extents = -(-node.content_blocks // _EXTENT_MAX_LEN)
             total += sum(_tree_levels(extents, per_block))
         return total
 
@@ -572,14 +603,14 @@ class _Planner:
 
     def allocate(self, geo: Geometry, journal_blocks: int) -> _Allocation:
         alloc = Allocator(geo.free_ranges())
-        per_block = (self.bs - 12) // S.EXTENT_ENTRY_SIZE
+        per_block = _EXTENTS_PER_BLOCK[self.bs]
         journal_runs = alloc.allocate(journal_blocks) if journal_blocks else []
         content: dict[int, list[tuple[int, int]]] = {}
         trees: dict[int, list[int]] = {}
         xattr_blocks: dict[tuple[XattrItem, ...], int] = {}
         if journal_runs:
             nblocks = sum(_tree_levels(len(_split_extents(journal_runs)), per_block))
-            trees[S.JOURNAL_INO] = _flatten(alloc.allocate(nblocks))
+            trees[s.JOURNAL_INO] = _flatten(alloc.allocate(nblocks))
         for node in self.all_inodes():
             if node.content_blocks:
                 runs = alloc.allocate(node.content_blocks)
@@ -627,9 +658,8 @@ class _Builder:
             self._inode(node)
         for items, block in self.plan.xattr_blocks.items():
             data = pack_block(items, self.bs, self.p.xattr_sets[items])
-            checksum = crc32c_raw(self.csum.seed, struct.pack("<Q", block) + bytes(data))
-            data[S.XATTR_BLOCK_CHECKSUM_OFFSET : S.XATTR_BLOCK_CHECKSUM_OFFSET + 4] = (
-                checksum.to_bytes(4, "little"))
+            checksum = crc32c_raw(self.csum.seed, _LE64.pack(block) + bytes(data))
+            _LE32.pack_into(data, s.XATTR_HEADER_CHECKSUM_OFFSET, checksum)
             self.pieces.append(Piece(block * self.bs, self.bs, bytes(data)))
         self._groups_and_supers()
         size = self.opts.size if self.opts.size is not None else self.geo.blocks_count * self.bs
@@ -646,22 +676,26 @@ class _Builder:
         if not runs:
             return
         nblocks = sum(length for _, length in runs)
-        seed = self.csum.inode_seed(S.JOURNAL_INO)
+        seed = self.csum.inode_seed(s.JOURNAL_INO)
         i_block, tree = _build_extent_tree(_split_extents(runs),
-                                           self.plan.tree_runs.get(S.JOURNAL_INO, []),
+                                           self.plan.tree_runs.get(s.JOURNAL_INO, []),
                                            self.bs, seed)
         self.pieces.extend(tree)
-        jsb = bytearray(self.bs)
-        jsb[: S.JBD2_SUPERBLOCK.size] = S.JBD2_SUPERBLOCK.pack(
-            S.JBD2_MAGIC, S.JBD2_SUPERBLOCK_V2, 0, self.bs, nblocks, 1, 1, 0, 0, 0, 0, 0,
-            self.opts.fs_uuid, 1)
-        self.pieces.append(Piece(runs[0][0] * self.bs, self.bs, bytes(jsb)))
+        # A clean, empty journal (s_start 0): the first transaction will be sequence 1.
+        jsb = s.JOURNAL_SUPERBLOCK.pack(s.JournalSuperblock(
+            h_magic=s.JBD2_MAGIC, h_blocktype=s.JBD2_SUPERBLOCK_V2, h_sequence=0,
+            s_blocksize=self.bs, s_maxlen=nblocks, s_first=1, s_sequence=1, s_start=0,
+            s_errno=0, s_feature_compat=0, s_feature_incompat=0, s_feature_ro_compat=0,
+            s_uuid=self.opts.fs_uuid, s_nr_users=1, s_dynsuper=0, s_max_transaction=0,
+            s_max_trans_data=0, s_checksum_type=0, s_padding2=b"", s_num_fc_blks=0, s_head=0,
+            s_padding=b"", s_checksum=0, s_users=b""))
+        self.pieces.append(Piece(runs[0][0] * self.bs, self.bs, jsb.ljust(self.bs, b"\0")))
         stamp = self.opts.timestamp * _NS
         entry = Entry("<journal>", EntryType.FILE, mode=0o600, mtime=stamp)
         self.journal_i_block = i_block
-        self.inodes[S.JOURNAL_INO] = self._pack(
-            S.JOURNAL_INO, entry, S.S_IFREG, 1, nblocks * self.bs,
-            (nblocks + len(tree)) * (self.bs // 512), S.INODE_FL_EXTENTS, i_block, 0, b"")
+        self.inodes[s.JOURNAL_INO] = self._pack(
+            s.JOURNAL_INO, entry, s.S_IFREG, 1, nblocks * self.bs,
+            (nblocks + len(tree)) * (self.bs // 512), s.EXTENTS_FL, i_block, 0, b"")
 
     def _inode(self, node: _Inode) -> None:
         entry = node.entry
@@ -671,19 +705,19 @@ class _Builder:
         flags = 0
         size = 0
         blocks = 0
-        i_block = bytes(S.INODE_BLOCK_SIZE)
+        i_block = bytes(s.I_BLOCK_SIZE)
         runs = self.plan.content_runs.get(ino, [])
         if node.children is not None:
             links = 2 + sum(1 for c in node.children.values()
                             if c.children is not None and c.parent is node)
-            if links > S.LINK_MAX:
+            if links > s.LINK_MAX:
                 links = 1  # dir_nlink: "more than the counter holds"
             size = len(node.dir_blocks) * bs
             for (start, length), offset in zip(runs, _offsets(runs), strict=True):
                 data = b"".join(node.dir_blocks[offset : offset + length])
                 self.pieces.append(Piece(start * bs, length * bs, data))
             if node.indexed:
-                flags |= S.INODE_FL_INDEX
+                flags |= s.INDEX_FL
         else:
             links = node.links
         if node.kind is EntryType.FILE:
@@ -697,7 +731,7 @@ class _Builder:
                 start = runs[0][0]
                 self.pieces.append(Piece(start * bs, bs, node.symlink.ljust(bs, b"\0")))
             else:
-                i_block = node.symlink.ljust(S.INODE_BLOCK_SIZE, b"\0")
+                i_block = node.symlink.ljust(s.I_BLOCK_SIZE, b"\0")
         elif node.kind in (EntryType.CHAR, EntryType.BLOCK):
             major, minor = entry.devmajor, entry.devminor
             if major < 256 and minor < 256:
@@ -705,10 +739,10 @@ class _Builder:
             else:
                 encoded = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
                 i_block = struct.pack("<III", 0, encoded, 0)
-            i_block = i_block.ljust(S.INODE_BLOCK_SIZE, b"\0")
+            i_block = i_block.ljust(s.I_BLOCK_SIZE, b"\0")
         if node.kind in (EntryType.FILE, EntryType.DIR) or (
                 node.kind is EntryType.SYMLINK and runs):
-            flags |= S.INODE_FL_EXTENTS
+            flags |= s.EXTENTS_FL
             tree_blocks = self.plan.tree_runs.get(ino, [])
             i_block, tree = _build_extent_tree(_split_extents(runs), tree_blocks, bs,
                                                self.csum.inode_seed(ino))
@@ -734,18 +768,24 @@ class _Builder:
         ctime = _encode_time(path, entry.mtime if entry.ctime is None else entry.ctime)
         crtime = _encode_time(path, entry.mtime if entry.crtime is None else entry.crtime)
         raw = bytearray(self.opts.inode_size)
-        S.INODE.pack_into(
-            raw, 0,
-            mode_type | entry.mode, entry.uid & 0xFFFF, size & 0xFFFFFFFF,
-            atime[0], ctime[0], mtime[0], 0, entry.gid & 0xFFFF, links,
-            sectors & 0xFFFFFFFF, flags, 0, i_block, 0, xattr_block & 0xFFFFFFFF, size >> 32, 0,
-            (sectors >> 32) & 0xFFFF, xattr_block >> 32, entry.uid >> 16, entry.gid >> 16, 0, 0,
-            S.EXTRA_ISIZE, 0, ctime[1], mtime[1], atime[1], crtime[0], crtime[1], 0, 0)
+        s.INODE.pack_into(raw, 0, s.Inode(
+            i_mode=mode_type | entry.mode, i_uid=entry.uid & 0xFFFF, i_size_lo=size & 0xFFFFFFFF,
+            i_atime=atime[0], i_ctime=ctime[0], i_mtime=mtime[0], i_dtime=0,
+            i_gid=entry.gid & 0xFFFF, i_links_count=links, i_blocks_lo=sectors & 0xFFFFFFFF,
+            i_flags=flags, l_i_version=0, i_block=i_block, i_generation=0,
+            i_file_acl_lo=xattr_block & 0xFFFFFFFF, i_size_high=size >> 32, i_obso_faddr=0,
+            l_i_blocks_high=(sectors >> 32) & 0xFFFF, l_i_file_acl_high=xattr_block >> 32,
+            l_i_uid_high=entry.uid >> 16, l_i_gid_high=entry.gid >> 16, l_i_checksum_lo=0,
+            l_i_reserved=0))
+        s.INODE_EXTRA.pack_into(raw, s.GOOD_OLD_INODE_SIZE, s.InodeExtra(
+            i_extra_isize=EXTRA_ISIZE, i_checksum_hi=0, i_ctime_extra=ctime[1],
+            i_mtime_extra=mtime[1], i_atime_extra=atime[1], i_crtime=crtime[0],
+            i_crtime_extra=crtime[1], i_version_hi=0, i_projid=0))
         if inline:
-            raw[S.INLINE_XATTR_OFFSET :] = inline
+            raw[INLINE_XATTR_OFFSET :] = inline
         checksum = crc32c_raw(self.csum.inode_seed(ino), raw)
-        struct.pack_into("<H", raw, S.INODE_CHECKSUM_LO, checksum & 0xFFFF)
-        struct.pack_into("<H", raw, S.INODE_CHECKSUM_HI, checksum >> 16)
+        _LE16.pack_into(raw, s.INODE_CHECKSUM_LO_OFFSET, checksum & 0xFFFF)
+        _LE16.pack_into(raw, s.INODE_CHECKSUM_HI_OFFSET, checksum >> 16)
         return bytes(raw)
 
     # ---- groups, bitmaps, superblocks ----------------------------------------------------
@@ -795,16 +835,30 @@ class _Builder:
             bb_csum = crc32c_raw(self.csum.seed, bytes(block_bitmap[: bpg // 8]))
             ib_csum = crc32c_raw(self.csum.seed, bytes(inode_bitmap[: ipg // 8]))
             free_inodes = ipg - in_use
-            desc = bytearray(S.GROUP_DESC.pack(
-                meta.block_bitmap & 0xFFFFFFFF, meta.inode_bitmap & 0xFFFFFFFF,
-                meta.inode_table & 0xFFFFFFFF, free_blocks & 0xFFFF, free_inodes & 0xFFFF,
-                dirs_per_group[group] & 0xFFFF, S.BG_ITABLE_ZEROED, 0, bb_csum & 0xFFFF,
-                ib_csum & 0xFFFF, (ipg - in_use) & 0xFFFF, 0,
-                meta.block_bitmap >> 32, meta.inode_bitmap >> 32, meta.inode_table >> 32,
-                free_blocks >> 16, free_inodes >> 16, dirs_per_group[group] >> 16,
-                (ipg - in_use) >> 16, 0, bb_csum >> 16, ib_csum >> 16, 0))
-            checksum = crc32c_raw(self.csum.seed, struct.pack("<I", group) + bytes(desc))
-            struct.pack_into("<H", desc, S.GD_CHECKSUM_OFFSET, checksum & 0xFFFF)
+            dirs = dirs_per_group[group]
+            unused = ipg - in_use
+            desc = bytearray(DESC_SIZE)
+            s.GROUP_DESC.pack_into(desc, 0, s.GroupDesc(
+                bg_block_bitmap_lo=meta.block_bitmap & 0xFFFFFFFF,
+                bg_inode_bitmap_lo=meta.inode_bitmap & 0xFFFFFFFF,
+                bg_inode_table_lo=meta.inode_table & 0xFFFFFFFF,
+                bg_free_blocks_count_lo=free_blocks & 0xFFFF,
+                bg_free_inodes_count_lo=free_inodes & 0xFFFF,
+                bg_used_dirs_count_lo=dirs & 0xFFFF, bg_flags=s.BG_INODE_ZEROED,
+                bg_exclude_bitmap_lo=0, bg_block_bitmap_csum_lo=bb_csum & 0xFFFF,
+                bg_inode_bitmap_csum_lo=ib_csum & 0xFFFF, bg_itable_unused_lo=unused & 0xFFFF,
+                bg_checksum=0))
+            s.GROUP_DESC_HIGH.pack_into(desc, s.GROUP_DESC_SIZE, s.GroupDescHigh(
+                bg_block_bitmap_hi=meta.block_bitmap >> 32,
+                bg_inode_bitmap_hi=meta.inode_bitmap >> 32,
+                bg_inode_table_hi=meta.inode_table >> 32,
+                bg_free_blocks_count_hi=free_blocks >> 16,
+                bg_free_inodes_count_hi=free_inodes >> 16, bg_used_dirs_count_hi=dirs >> 16,
+                bg_itable_unused_hi=unused >> 16, bg_exclude_bitmap_hi=0,
+                bg_block_bitmap_csum_hi=bb_csum >> 16, bg_inode_bitmap_csum_hi=ib_csum >> 16,
+                bg_reserved=0))
+            checksum = crc32c_raw(self.csum.seed, _LE32.pack(group) + bytes(desc))
+            _LE16.pack_into(desc, s.GROUP_DESC_CHECKSUM_OFFSET, checksum & 0xFFFF)
             descs += desc
             self.free_blocks += free_blocks
             self.free_inodes += free_inodes
@@ -814,9 +868,9 @@ class _Builder:
                 continue
             sb = self._superblock(group)
             start = geo.group_start(group)
-            if group == 0 and bs > S.SUPERBLOCK_OFFSET:
+            if group == 0 and bs > s.SUPERBLOCK_OFFSET:
                 # Block 0 holds the boot sector's 1 KiB of zeros, then the superblock.
-                block0 = bytes(S.SUPERBLOCK_OFFSET) + sb
+                block0 = bytes(s.SUPERBLOCK_OFFSET) + sb
                 self.pieces.append(Piece(0, bs, block0.ljust(bs, b"\0")))
             else:
                 self.pieces.append(Piece(start * bs, bs, sb.ljust(bs, b"\0")))
@@ -825,71 +879,73 @@ class _Builder:
     def _superblock(self, group: int) -> bytes:
         geo = self.geo
         opts = self.opts
-        sb = bytearray(S.SUPERBLOCK_SIZE)
         stamp = opts.timestamp
         r_blocks = geo.blocks_count * opts.reserved_percent // 100
-
-        def put(fmt: str, offset: int, *values: int | bytes) -> None:
-            struct.pack_into("<" + fmt, sb, offset, *values)
-
-        put("I", S.SB_INODES_COUNT, geo.inodes_count)
-        put("I", S.SB_BLOCKS_COUNT_LO, geo.blocks_count & 0xFFFFFFFF)
-        put("I", S.SB_R_BLOCKS_COUNT_LO, r_blocks & 0xFFFFFFFF)
-        put("I", S.SB_FREE_BLOCKS_COUNT_LO, self.free_blocks & 0xFFFFFFFF)
-        put("I", S.SB_FREE_INODES_COUNT, self.free_inodes)
-        put("I", S.SB_FIRST_DATA_BLOCK, geo.first_data_block)
         log = (self.bs // 1024).bit_length() - 1
-        put("I", S.SB_LOG_BLOCK_SIZE, log)
-        put("I", S.SB_LOG_CLUSTER_SIZE, log)
-        put("I", S.SB_BLOCKS_PER_GROUP, geo.blocks_per_group)
-        put("I", S.SB_CLUSTERS_PER_GROUP, geo.blocks_per_group)
-        put("I", S.SB_INODES_PER_GROUP, geo.inodes_per_group)
-        put("I", S.SB_WTIME, stamp & 0xFFFFFFFF)
-        put("H", S.SB_MAX_MNT_COUNT, 0xFFFF)
-        put("H", S.SB_MAGIC, S.EXT4_MAGIC)
-        put("H", S.SB_STATE, S.STATE_CLEAN)
-        put("H", S.SB_ERRORS, S.ERRORS_CONTINUE)
-        put("I", S.SB_LASTCHECK, stamp & 0xFFFFFFFF)
-        put("I", S.SB_REV_LEVEL, S.REV_DYNAMIC)
-        put("I", S.SB_FIRST_INO, S.FIRST_INO)
-        put("H", S.SB_INODE_SIZE, opts.inode_size)
-        put("H", S.SB_BLOCK_GROUP_NR, group)
-        compat = S.COMPAT_EXT_ATTR | S.COMPAT_DIR_INDEX
+        compat = s.COMPAT_EXT_ATTR | s.COMPAT_DIR_INDEX
+        jnl_blocks = bytes(len(_BLANK_SUPERBLOCK.s_jnl_blocks))
         if opts.journal:
-            compat |= S.COMPAT_HAS_JOURNAL
-        put("I", S.SB_FEATURE_COMPAT, compat)
-        put("I", S.SB_FEATURE_INCOMPAT,
-            S.INCOMPAT_FILETYPE | S.INCOMPAT_EXTENTS | S.INCOMPAT_64BIT | S.INCOMPAT_FLEX_BG)
-        put("I", S.SB_FEATURE_RO_COMPAT,
-            S.RO_COMPAT_SPARSE_SUPER | S.RO_COMPAT_LARGE_FILE | S.RO_COMPAT_HUGE_FILE
-            | S.RO_COMPAT_DIR_NLINK | S.RO_COMPAT_EXTRA_ISIZE | S.RO_COMPAT_METADATA_CSUM)
-        sb[S.SB_UUID : S.SB_UUID + 16] = opts.fs_uuid
-        sb[S.SB_VOLUME_NAME : S.SB_VOLUME_NAME + len(opts.label)] = opts.label
-        sb[S.SB_HASH_SEED : S.SB_HASH_SEED + 16] = opts.hash_seed
-        put("B", S.SB_DEF_HASH_VERSION, S.HASH_HALF_MD4)
-        put("H", S.SB_DESC_SIZE, S.DESC_SIZE)
-        put("I", S.SB_DEFAULT_MOUNT_OPTS, S.DEFM_XATTR_USER | S.DEFM_ACL)
-        put("I", S.SB_MKFS_TIME, stamp & 0xFFFFFFFF)
-        if opts.journal:
-            put("I", S.SB_JOURNAL_INUM, S.JOURNAL_INO)
-            put("B", S.SB_JNL_BACKUP_TYPE, S.JNL_BACKUP_BLOCKS)
-            nblocks = sum(length for _, length in self.plan.journal_runs)
-            jsize = nblocks * self.bs
-            sb[S.SB_JNL_BLOCKS : S.SB_JNL_BLOCKS + 60] = self.journal_i_block
-            put("II", S.SB_JNL_BLOCKS + 60, jsize >> 32, jsize & 0xFFFFFFFF)
-        put("I", S.SB_BLOCKS_COUNT_HI, geo.blocks_count >> 32)
-        put("I", S.SB_R_BLOCKS_COUNT_HI, r_blocks >> 32)
-        put("I", S.SB_FREE_BLOCKS_COUNT_HI, self.free_blocks >> 32)
-        put("H", S.SB_MIN_EXTRA_ISIZE, S.EXTRA_ISIZE)
-        put("H", S.SB_WANT_EXTRA_ISIZE, S.EXTRA_ISIZE)
-        put("I", S.SB_FLAGS, S.FLAGS_SIGNED_HASH)
-        put("B", S.SB_LOG_GROUPS_PER_FLEX, S.LOG_GROUPS_PER_FLEX)
-        put("B", S.SB_CHECKSUM_TYPE, S.CHECKSUM_CRC32C)
-        high = (stamp >> 32) & 0xFF
-        for offset in (S.SB_WTIME_HI, S.SB_MKFS_TIME_HI, S.SB_LASTCHECK_HI):
-            put("B", offset, high)
-        put("I", S.SB_CHECKSUM, crc32c_raw(0xFFFFFFFF, bytes(sb[: S.SB_CHECKSUM])))
-        return bytes(sb)
+            compat |= s.COMPAT_HAS_JOURNAL
+            jsize = sum(length for _, length in self.plan.journal_runs) * self.bs
+            # A copy of the journal inode's i_block, then its i_size_high and i_size.
+            jnl_blocks = self.journal_i_block + struct.pack("<II", jsize >> 32,
+                                                            jsize & 0xFFFFFFFF)
+        low_stamp = stamp & 0xFFFFFFFF
+        high_stamp = (stamp >> 32) & 0xFF
+        sb = _BLANK_SUPERBLOCK._replace(
+            s_inodes_count=geo.inodes_count,
+            s_blocks_count_lo=geo.blocks_count & 0xFFFFFFFF,
+            s_r_blocks_count_lo=r_blocks & 0xFFFFFFFF,
+            s_free_blocks_count_lo=self.free_blocks & 0xFFFFFFFF,
+            s_free_inodes_count=self.free_inodes,
+            s_first_data_block=geo.first_data_block,
+            s_log_block_size=log,
+            s_log_cluster_size=log,
+            s_blocks_per_group=geo.blocks_per_group,
+            s_clusters_per_group=geo.blocks_per_group,
+            s_inodes_per_group=geo.inodes_per_group,
+            s_wtime=low_stamp,
+            s_max_mnt_count=-1,  # no mount-count check
+            s_magic=s.MAGIC,
+            s_state=s.STATE_VALID,
+            s_errors=s.ERRORS_CONTINUE,
+            s_lastcheck=low_stamp,
+            s_rev_level=s.DYNAMIC_REV,
+            s_first_ino=s.GOOD_OLD_FIRST_INO,
+            s_inode_size=opts.inode_size,
+            s_block_group_nr=group,
+            s_feature_compat=compat,
+            s_feature_incompat=(s.INCOMPAT_FILETYPE | s.INCOMPAT_EXTENTS | s.INCOMPAT_64BIT
+                                | s.INCOMPAT_FLEX_BG),
+            s_feature_ro_compat=(s.RO_COMPAT_SPARSE_SUPER | s.RO_COMPAT_LARGE_FILE
+                                 | s.RO_COMPAT_HUGE_FILE | s.RO_COMPAT_DIR_NLINK
+                                 | s.RO_COMPAT_EXTRA_ISIZE | s.RO_COMPAT_METADATA_CSUM),
+            s_uuid=opts.fs_uuid,
+            s_volume_name=opts.label,
+            s_journal_inum=s.JOURNAL_INO if opts.journal else 0,
+            s_hash_seed=opts.hash_seed,
+            s_def_hash_version=s.DX_HASH_HALF_MD4,
+            s_jnl_backup_type=s.JNL_BACKUP_BLOCKS if opts.journal else 0,
+            s_desc_size=DESC_SIZE,
+            s_default_mount_opts=s.DEFM_XATTR_USER | s.DEFM_ACL,
+            s_mkfs_time=low_stamp,
+            s_jnl_blocks=jnl_blocks,
+            s_blocks_count_hi=geo.blocks_count >> 32,
+            s_r_blocks_count_hi=r_blocks >> 32,
+            s_free_blocks_count_hi=self.free_blocks >> 32,
+            s_min_extra_isize=EXTRA_ISIZE,
+            s_want_extra_isize=EXTRA_ISIZE,
+            s_flags=s.FLAGS_SIGNED_HASH,
+            s_log_groups_per_flex=LOG_GROUPS_PER_FLEX,
+            s_checksum_type=s.CHECKSUM_TYPE_CRC32C,
+            s_wtime_hi=high_stamp,
+            s_mkfs_time_hi=high_stamp,
+            s_lastcheck_hi=high_stamp,
+        )
+        raw = bytearray(s.SUPERBLOCK.pack(sb))
+        checksum = crc32c_raw(0xFFFFFFFF, bytes(raw[: s.SUPERBLOCK_CHECKSUM_OFFSET]))
+        _LE32.pack_into(raw, s.SUPERBLOCK_CHECKSUM_OFFSET, checksum)
+        return bytes(raw)
 
 
 def _offsets(runs: list[tuple[int, int]]) -> list[int]:
@@ -980,9 +1036,7 @@ def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
     if unknown:
         raise InvalidInputError(f"ext4: unknown option {unknown[0]!r} "
                                 f"(known: {', '.join(CREATE_OPTIONS)})")
-    journal_text = options.get("journal", "on").lower()
-    if journal_text not in ("on", "off", "yes", "no", "true", "false", "1", "0"):
-        raise InvalidInputError(f"ext4: journal must be on or off, not {journal_text!r}")
+    journal = parse_switch(options, "journal", True, format="ext4")
     size_text = options.get("size")
     disk = build_ext4(
         tree,
@@ -993,7 +1047,7 @@ def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
         if "hash_seed" in options else None,
         block_size=_parse_int("block_size", options.get("block_size", "4096")),
         inode_size=_parse_int("inode_size", options.get("inode_size", "256")),
-        journal=journal_text in ("on", "yes", "true", "1"),
+        journal=journal,
         timestamp=_parse_int("timestamp", options["timestamp"]) if "timestamp" in options
         else None,
         reserved_percent=_parse_int("reserved_percent", options.get("reserved_percent", "5")),

@@ -396,6 +396,32 @@ def test_inline_data_files_and_dirs(tmp_path: Path) -> None:
     assert got["link"].link_target == "x" * 70
 
 
+@pytest.mark.skipif(not is_root(), reason="a loop mount needs root")
+def test_inline_directory_with_entries_in_system_data(tmp_path: Path) -> None:
+    """An inline directory of 30 names: 56 bytes of entries fit in i_block, the rest live in
+    the system.data xattr of a 1 KiB inode. e2fsprogs never spills a directory there (it
+    moves it to a block), the kernel does: it writes the directory."""
+    image = mkfs(tmp_path / "fs.img", None, "-t", "ext4", "-O", "inline_data", "-I", "1024")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot loop-mount here: {mounted.stderr.decode().strip()}")
+    names = sorted(f"n{i:02d}" for i in range(30))
+    try:
+        (mnt / "d").mkdir()
+        for name in names:
+            (mnt / "d" / name).write_bytes(name.encode())
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    out = debugfs(image, "stat /d")
+    inline = re.search(r"Size of inline data: (\d+)", out)
+    assert inline is not None and int(inline.group(1)) > 200 and "system.data" in out
+    got = {e.path: e for e in read_entries(image)}
+    assert [p for p in got if p.startswith("d/")] == [f"d/{n}" for n in names]
+    assert read_file(image, "d/n17") == b"n17"
+
+
 @pytest.mark.slow
 def test_file_past_4gib_reads_right_and_holes_are_not_read(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
@@ -452,6 +478,21 @@ def test_uninitialised_extent_reads_as_zeros_without_reading(tmp_path: Path) -> 
         assert counting.bytes_read == before
 
 
+def test_uninitialised_extent_in_the_middle_of_a_file(tmp_path: Path) -> None:
+    """Data, then blocks 10..19 punched and fallocated (an uninitialised extent over blocks
+    that may hold anything), then data again: the middle reads as zeros."""
+    image = mkfs(tmp_path / "fs.img", None, "-t", "ext4", "-b", "4096")
+    content = os.urandom(30 * 4096)
+    (tmp_path / "data").write_bytes(content)
+    debugfs(image, f"write {tmp_path / 'data'} f", write=True)
+    debugfs(image, "punch /f 10 19", write=True)
+    debugfs(image, "fallocate /f 10 19", write=True)
+    extents = debugfs(image, "ex /f")
+    assert re.search(r"\b10 -\s+19\s.*Uninit", extents), extents
+    expected = content[: 10 * 4096] + bytes(10 * 4096) + content[20 * 4096:]
+    assert read_file(image, "f") == expected
+
+
 # ---- checksums, journal ------------------------------------------------------------------------
 
 
@@ -506,6 +547,35 @@ def test_extent_tree_with_index_block_and_its_checksum(tmp_path: Path) -> None:
                        match=rf"extent block {index.group(1)} checksum mismatch"):
         read_file(image, "frag")
     assert read_file(image, "frag", verify="off") == (tree / "frag").read_bytes()
+
+
+def test_depth_two_extent_tree_of_a_fragmented_file(tmp_path: Path) -> None:
+    """debugfs writes a file into a filesystem whose free space is every other block: one
+    extent per block, 684 of them, so the tree has two index levels below i_block."""
+    image = mkfs(tmp_path / "frag.img", None, "-t", "ext4", "-b", "1024", "-N", "2048",
+                 "-O", "^resize_inode", size="3M")
+    (tmp_path / "one").write_bytes(os.urandom(1024))
+    content = os.urandom(700_000)
+    (tmp_path / "big").write_bytes(content)
+    fill = tmp_path / "fill.cmd"
+    fill.write_text("".join(f"write {tmp_path / 'one'} f{i}\n" for i in range(1200)))
+    _run("debugfs", "-w", "-f", fill, image)
+    holes = tmp_path / "holes.cmd"
+    holes.write_text("".join(f"rm f{i}\n" for i in range(0, 1200, 2))
+                     + f"write {tmp_path / 'big'} big\n")
+    _run("debugfs", "-w", "-f", holes, image)
+    assert re.search(r"^\s*0/\s*2\s", debugfs(image, "ex /big"), re.M)  # depth 2
+    dumped = tmp_path / "dumped"
+    debugfs(image, f"dump /big {dumped}")
+    assert dumped.read_bytes() == content
+    assert read_file(image, "big") == content
+    with FileSource(image) as source, Ext4Filesystem(source) as fs:
+        entry = next(e for e in fs.entries() if e.path == "big")
+        with entry.open() as f:
+            f.seek(654_321)
+            assert f.read(5000) == content[654_321:659_321]
+            f.seek(1000)  # backwards: the walk starts again
+            assert f.read(3000) == content[1000:4000]
 
 
 def test_corrupt_xattr_block_is_named(tmp_path: Path) -> None:
