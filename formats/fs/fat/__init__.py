@@ -10,17 +10,26 @@ References: Microsoft "FAT: General Overview of On-Disk Format" (fatgen103, 1.03
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from imgbridge.errors import InvalidImageError, InvalidInputError
+from imgbridge.model.tree import Entry
+from imgbridge.output import AtomicOutput
+from imgbridge.progress import ProgressFn
 from imgbridge.registry import ProbeInput
 from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource
 
 from .reader import FatFilesystem, parse_boot_sector
-from .writer import CREATE_OPTIONS, build_fat32, create
+
+if TYPE_CHECKING:
+    from .writer import CREATE_OPTIONS, build_fat32
 
 __all__ = ["CREATE_OPTIONS", "FatFilesystem", "build_fat32", "create", "open", "probe"]
+
+_LAZY = {"CREATE_OPTIONS": ".writer", "build_fat32": ".writer"}
 
 
 def probe(p: ProbeInput) -> int:
@@ -41,3 +50,20 @@ def open(source: ByteSource | None, resolver: CompanionResolver | None,
         where = resolver.image_path if resolver is not None else "the input"
         raise InvalidInputError(f"{where}: a FAT volume must be a file, not a folder")
     return FatFilesystem(source)
+
+
+def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
+           progress: ProgressFn) -> None:
+    """Write ``tree`` as a FAT32 volume into ``out`` (see writer.create)."""
+    from .writer import create as write
+
+    write(out, tree, options, progress)
+
+
+def __getattr__(name: str) -> Any:
+    """The reader's and writer's names, imported on first use: probing every filesystem of
+    the registry on a disk must not load every reader and writer."""
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(where, __name__), name)

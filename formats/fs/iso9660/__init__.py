@@ -9,17 +9,25 @@ References: ECMA-119 4th edition, 8.1 "Format of a Volume Descriptor".
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import importlib
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
+from imgbridge.model.tree import Entry
+from imgbridge.output import AtomicOutput
+from imgbridge.progress import ProgressFn, no_progress
 from imgbridge.registry import ProbeInput
 from imgbridge.source import ByteSource
 
 from . import _structs as s
-from .reader import IsoFilesystem
-from .writer import CREATE_OPTIONS, create
+
+if TYPE_CHECKING:
+    from .reader import IsoFilesystem
+    from .writer import CREATE_OPTIONS
 
 __all__ = ["CREATE_OPTIONS", "IsoFilesystem", "create", "open", "probe"]
+
+_LAZY = {"IsoFilesystem": ".reader", "CREATE_OPTIONS": ".writer"}
 
 
 def probe(p: ProbeInput) -> int:
@@ -36,4 +44,23 @@ def probe(p: ProbeInput) -> int:
 def open(source: ByteSource, resolver: Any = None,
          options: Mapping[str, str] | None = None) -> IsoFilesystem:
     """Open the ISO9660 volume in ``source`` (a whole file or a partition)."""
+    from .reader import IsoFilesystem
+
     return IsoFilesystem(source)
+
+
+def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str] | None = None,
+           progress: ProgressFn = no_progress) -> None:
+    """Write ``tree`` as an ISO9660 image into ``out`` (see writer.create)."""
+    from .writer import create as write
+
+    write(out, tree, options, progress)
+
+def __getattr__(name: str) -> Any:
+    """The reader's and writer's names, imported on first use: probing every filesystem of
+    the registry on a disk must not load every reader and writer."""
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(where, __name__), name)
+
