@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import importlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -33,6 +33,7 @@ from .errors import ImgBridgeError, InvalidImageError, InvalidInputError, Unsupp
 
 __all__ = [
     "CAPABILITIES",
+    "lazy_names",
     "Detection",
     "FormatSpec",
     "Kind",
@@ -168,6 +169,20 @@ class FormatSpec:
             "extensions": list(self.extensions),
             "capabilities": caps,
         }
+
+
+def lazy_names(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that imports ``names`` (``{name: ".module"}``, relative to
+    ``package``) on first use, so that a format package can answer ``probe`` without loading
+    its reader and writer: probing every format on a disk must stay cheap."""
+
+    def lookup(name: str) -> Any:
+        where = names.get(name)
+        if where is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(where, package), name)
+
+    return lookup
 
 
 def _first_line(exc: BaseException) -> str:

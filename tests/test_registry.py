@@ -90,3 +90,25 @@ def test_probe_scores_are_clamped() -> None:
     spec = default_registry().get("raw")
     assert spec.probe(ProbeInput(b"", b"", "x", 0)) == 1
     assert spec.probe(ProbeInput(b"", b"", "d", 0, frozenset())) == 0
+
+
+def test_probing_filesystems_loads_no_reader_or_writer() -> None:
+    """Every filesystem is probed on every partition: its reader and writer load only when
+    they are used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from imgbridge.registry import ProbeInput, default_registry, Kind\n"
+        "p = ProbeInput(bytes(65536), b'', 'x', 65536)\n"
+        "scores = [s.probe(p) for s in default_registry().all() if s.kind is Kind.FS]\n"
+        "assert scores == [0, 0, 0], scores\n"
+        "loaded = [m for m in sys.modules if m.endswith(('ext4.reader', 'ext4.writer',\n"
+        "          'fat.writer', 'iso9660.reader', 'iso9660.writer'))]\n"
+        "assert not loaded, loaded\n"
+        "import imgbridge.formats.fs.ext4 as e\n"
+        "assert callable(e.create) and 'size' in e.CREATE_OPTIONS\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

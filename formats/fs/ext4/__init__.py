@@ -10,28 +10,25 @@ inodes.rst, ifork.rst, directory.rst, attributes.rst, journal.rst).
 
 from __future__ import annotations
 
-import importlib
 import struct
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from imgbridge.model.tree import Entry
-from imgbridge.output import AtomicOutput
-from imgbridge.progress import ProgressFn
-from imgbridge.registry import ProbeInput
+from imgbridge.registry import ProbeInput, lazy_names
 from imgbridge.source import ByteSource
 
 from . import _structs as s
 
 if TYPE_CHECKING:
     from .reader import OPEN_OPTIONS, Ext4Filesystem, Ext4Warning
-    from .writer import CREATE_OPTIONS, build_ext4
+    from .writer import CREATE_OPTIONS, build_ext4, create
 
 __all__ = ["CREATE_OPTIONS", "OPEN_OPTIONS", "Ext4Filesystem", "Ext4Warning", "build_ext4",
            "create", "open", "probe"]
 
-_LAZY = {"OPEN_OPTIONS": ".reader", "Ext4Filesystem": ".reader", "Ext4Warning": ".reader",
-         "CREATE_OPTIONS": ".writer", "build_ext4": ".writer"}
+__getattr__ = lazy_names(__name__, {
+    "OPEN_OPTIONS": ".reader", "Ext4Filesystem": ".reader", "Ext4Warning": ".reader",
+    "CREATE_OPTIONS": ".writer", "build_ext4": ".writer", "create": ".writer"})
 
 _PROBE_FIELDS = struct.Struct("<IIIIIIIIIII")  # s_inodes_count .. s_inodes_per_group
 
@@ -63,19 +60,4 @@ def open(source: ByteSource, resolver: object, options: Mapping[str, str]) -> Ex
     del resolver
     return Ext4Filesystem(source, options)
 
-
-def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
-           progress: ProgressFn) -> None:
-    """Write ``tree`` as an ext4 image into ``out`` (see writer.create)."""
-    from .writer import create as write
-
-    write(out, tree, options, progress)
-
-def __getattr__(name: str) -> Any:
-    """The reader's and writer's names, imported on first use: probing every filesystem of
-    the registry on a disk must not load every reader and writer."""
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(where, __name__), name)
 

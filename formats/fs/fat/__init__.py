@@ -10,26 +10,23 @@ References: Microsoft "FAT: General Overview of On-Disk Format" (fatgen103, 1.03
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from imgbridge.errors import InvalidImageError, InvalidInputError
-from imgbridge.model.tree import Entry
-from imgbridge.output import AtomicOutput
-from imgbridge.progress import ProgressFn
-from imgbridge.registry import ProbeInput
+from imgbridge.registry import ProbeInput, lazy_names
 from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource
 
 from .reader import FatFilesystem, parse_boot_sector
 
 if TYPE_CHECKING:
-    from .writer import CREATE_OPTIONS, build_fat32
+    from .writer import CREATE_OPTIONS, build_fat32, create
 
 __all__ = ["CREATE_OPTIONS", "FatFilesystem", "build_fat32", "create", "open", "probe"]
 
-_LAZY = {"CREATE_OPTIONS": ".writer", "build_fat32": ".writer"}
+__getattr__ = lazy_names(__name__, {"CREATE_OPTIONS": ".writer", "build_fat32": ".writer",
+                                     "create": ".writer"})
 
 
 def probe(p: ProbeInput) -> int:
@@ -52,18 +49,3 @@ def open(source: ByteSource | None, resolver: CompanionResolver | None,
     return FatFilesystem(source)
 
 
-def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
-           progress: ProgressFn) -> None:
-    """Write ``tree`` as a FAT32 volume into ``out`` (see writer.create)."""
-    from .writer import create as write
-
-    write(out, tree, options, progress)
-
-
-def __getattr__(name: str) -> Any:
-    """The reader's and writer's names, imported on first use: probing every filesystem of
-    the registry on a disk must not load every reader and writer."""
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(where, __name__), name)

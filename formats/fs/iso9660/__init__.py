@@ -9,25 +9,22 @@ References: ECMA-119 4th edition, 8.1 "Format of a Volume Descriptor".
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from imgbridge.model.tree import Entry
-from imgbridge.output import AtomicOutput
-from imgbridge.progress import ProgressFn, no_progress
-from imgbridge.registry import ProbeInput
+from imgbridge.registry import ProbeInput, lazy_names
 from imgbridge.source import ByteSource
 
 from . import _structs as s
 
 if TYPE_CHECKING:
     from .reader import IsoFilesystem
-    from .writer import CREATE_OPTIONS
+    from .writer import CREATE_OPTIONS, create
 
 __all__ = ["CREATE_OPTIONS", "IsoFilesystem", "create", "open", "probe"]
 
-_LAZY = {"IsoFilesystem": ".reader", "CREATE_OPTIONS": ".writer"}
+__getattr__ = lazy_names(__name__, {"IsoFilesystem": ".reader", "CREATE_OPTIONS": ".writer",
+                                     "create": ".writer"})
 
 
 def probe(p: ProbeInput) -> int:
@@ -48,19 +45,4 @@ def open(source: ByteSource, resolver: Any = None,
 
     return IsoFilesystem(source)
 
-
-def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str] | None = None,
-           progress: ProgressFn = no_progress) -> None:
-    """Write ``tree`` as an ISO9660 image into ``out`` (see writer.create)."""
-    from .writer import create as write
-
-    write(out, tree, options, progress)
-
-def __getattr__(name: str) -> Any:
-    """The reader's and writer's names, imported on first use: probing every filesystem of
-    the registry on a disk must not load every reader and writer."""
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(where, __name__), name)
 
