@@ -559,6 +559,10 @@ def _add(iso: Any, node: _Node, nodes: dict[str, _Node], links: dict[str, str],
 def _fix_metadata(iso: Any, nodes: dict[str, _Node], links: dict[str, str],
                   names_of: dict[str, int], opts: _Options, newest: int) -> None:
     """Replace every clock time pycdlib stamped, and set owners and link counts."""
+    # One walk of each record tree: pycdlib's get_record searches from the root every time.
+    by_iso = _record_index(iso.pvd.root_directory_record(), "ascii")
+    by_joliet = (_record_index(iso.joliet_vd.root_directory_record(), "utf-16-be")
+                 if iso.joliet_vd is not None else {})
     for path, node in nodes.items():
         entry = node.entry
         inode = links.get(path, path)
@@ -567,7 +571,7 @@ def _fix_metadata(iso: Any, nodes: dict[str, _Node], links: dict[str, str],
         if path == "":
             record = iso.pvd.root_directory_record()
         else:
-            record = iso.get_record(iso_path=node.iso_path)
+            record = by_iso[_record_key(node.iso_path)]
         for part in _extent_records(record):
             _stamp(part, shown, nlink)
         if entry.type is EntryType.DIR:
@@ -575,13 +579,13 @@ def _fix_metadata(iso: Any, nodes: dict[str, _Node], links: dict[str, str],
             for child_path in node.children:
                 child = nodes[child_path]
                 if child.entry.type is EntryType.DIR:
-                    sub = iso.get_record(iso_path=child.iso_path)
+                    sub = by_iso[_record_key(child.iso_path)]
                     _stamp(sub.children[1], entry, 1)  # ".." carries its parent's
             if path == "":
                 _stamp(record.children[1], entry, 1)
         if node.joliet_path is not None:
             jrecord = (iso.joliet_vd.root_directory_record() if path == ""
-                       else iso.get_record(joliet_path=node.joliet_path))
+                       else by_joliet[_record_key(node.joliet_path)])
             for part in _extent_records(jrecord):
                 part.date = _short_date(shown.mtime)
             if entry.type is EntryType.DIR:
@@ -597,6 +601,28 @@ def _fix_metadata(iso: Any, nodes: dict[str, _Node], links: dict[str, str],
             date.parse(volume_date)
             setattr(descriptor, attribute, date)
         descriptor.root_directory_record().date = _short_date(nodes[""].entry.mtime)
+
+
+def _record_index(root: Any, encoding: str) -> dict[str, Any]:
+    """Every record below ``root`` by its path (``/DIR/NAME.;1``, also without the ``;1``
+    version); for a file in several extents, its first record."""
+    index: dict[str, Any] = {}
+    stack = [("", root)]
+    while stack:
+        prefix, record = stack.pop()
+        for child in record.children[2:]:  # past "." and ".."
+            name = child.file_identifier().decode(encoding)
+            path = f"{prefix}/{name}"
+            index.setdefault(path, child)
+            index.setdefault(path.rpartition(";")[0] or path, child)
+            if child.is_dir():
+                stack.append((path, child))
+    return index
+
+
+def _record_key(path: str) -> str:
+    """A path as ``_record_index`` keys it: pycdlib accepts ``//a`` for ``/a``, so do we."""
+    return "/" + "/".join(part for part in path.split("/") if part)
 
 
 def _extent_records(record: Any) -> Iterator[Any]:
