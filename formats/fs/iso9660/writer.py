@@ -605,7 +605,8 @@ def _fix_metadata(iso: Any, nodes: dict[str, _Node], links: dict[str, str],
 
 def _record_index(root: Any, encoding: str) -> dict[str, Any]:
     """Every record below ``root`` by its path (``/DIR/NAME.;1``, also without the ``;1``
-    version); for a file in several extents, its first record."""
+    version), as pycdlib's get_record finds it; for a file in several extents, its first
+    record."""
     index: dict[str, Any] = {}
     stack = [("", root)]
     while stack:
@@ -613,6 +614,9 @@ def _record_index(root: Any, encoding: str) -> dict[str, Any]:
         for child in record.children[2:]:  # past "." and ".."
             name = child.file_identifier().decode(encoding)
             path = f"{prefix}/{name}"
+            if child.rock_ridge is not None and child.rock_ridge.child_link_record_exists():
+                # A directory deeper than 8 levels, moved to rr_moved: its path leads there.
+                child = child.rock_ridge.cl_to_moved_dr
             index.setdefault(path, child)
             index.setdefault(path.rpartition(";")[0] or path, child)
             if child.is_dir():
