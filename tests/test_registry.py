@@ -112,3 +112,21 @@ def test_probing_filesystems_loads_no_reader_or_writer() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_raw_file_with_a_filesystem_or_table_is_not_a_guess(tmp_path: Path) -> None:
+    """qemu-img calls an ext4 image or a partitioned disk raw; so do we, but knowingly: it is
+    not marked guessed and converts without -f raw. A file of random bytes stays a guess."""
+    import imgbridge
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "hello").write_bytes(b"hello\n")
+    fs = tmp_path / "fs.img"
+    imgbridge.convert(tree, fs, output_format="ext4", sync=False)
+    assert default_registry().detect(str(fs)).guessed is False
+    imgbridge.convert(fs, tmp_path / "fs.qcow2", sync=False)
+    assert imgbridge.compare(fs, tmp_path / "fs.qcow2").identical
+    noise = tmp_path / "noise.img"
+    noise.write_bytes(bytes(range(256)) * 4096)
+    assert default_registry().detect(str(noise)).guessed is True
