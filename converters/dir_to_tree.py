@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import partial
 from typing import BinaryIO
 
@@ -37,7 +37,10 @@ _TYPES: tuple[tuple[Callable[[int], bool], EntryType], ...] = (
 
 
 def _open_binary(path: str) -> BinaryIO:
-    return open(path, "rb")
+    try:
+        return open(path, "rb")
+    except OSError as exc:  # removed or made unreadable since the walk saw it
+        raise InvalidInputError(f"{path}: {exc.strerror or exc}") from None
 
 
 def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
@@ -74,11 +77,16 @@ def _entry(path: str, tree_path: str, st: os.stat_result) -> Entry:
     )
 
 
-def read_host_tree(root: str | os.PathLike[str]) -> Iterator[Entry]:
-    """Every entry below (and including) the folder ``root``, as a flat tree."""
+def read_host_tree(root: str | os.PathLike[str], *,
+                   skip: Collection[tuple[int, int]] = ()) -> Iterator[Entry]:
+    """Every entry below (and including) the folder ``root``, as a flat tree. ``root``
+    itself may be a symlink to a folder (followed, as ``mke2fs -d`` and ``tar -C`` do);
+    links below it are kept as links. Files whose ``(st_dev, st_ino)`` is in ``skip`` are
+    left out: the image being written into the folder it is made from (as tar leaves out
+    its own archive)."""
     top = os.fspath(root)
     try:
-        st = os.lstat(top)
+        st = os.stat(top)
     except OSError as exc:
         raise InvalidInputError(f"{top}: {exc.strerror or exc}") from None
     if not stat.S_ISDIR(st.st_mode):
@@ -93,7 +101,13 @@ def read_host_tree(root: str | os.PathLike[str]) -> Iterator[Entry]:
             pending.pop()
             continue
         host_path, tree_path = child
-        st = os.lstat(host_path)
+        try:
+            st = os.lstat(host_path)
+        except OSError as exc:  # removed (or made unreadable) while we walked
+            raise InvalidInputError(f"{host_path}: {exc.strerror or exc} (the folder changed "
+                                    "while it was read)") from None
+        if (st.st_dev, st.st_ino) in skip:
+            continue
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
             first = seen.setdefault((st.st_dev, st.st_ino), tree_path)
             if first != tree_path:

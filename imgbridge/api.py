@@ -208,6 +208,7 @@ def _partition_info(disk: Disk) -> dict[str, Any]:
         return {"partition-table-error": str(exc)}
     out: dict[str, Any] = {}
     from imgbridge.converters.disk_to_tree import (
+        damaged_info,
         describe_filesystems,
         filesystem_info,
         probe_filesystem,
@@ -226,6 +227,8 @@ def _partition_info(disk: Disk) -> dict[str, Any]:
         spec = probe_filesystem(source)
         if spec is not None:
             out["filesystem"] = filesystem_info(spec, source)
+        elif (damaged := damaged_info(source)) is not None:
+            out["filesystem"] = damaged
     if caught:
         out["partition-table-warnings"] = [str(w.message) for w in caught]
     return out
@@ -340,8 +343,8 @@ def convert(
     target = registry.for_output(output_format, dst_path)
     if target.kind is Kind.FS:
         if compress or backing is not None or tags or flatten:
-            raise InvalidInputError(f"-c, -B, --tag and --flatten do not apply to a "
-                                    f"{target.name} filesystem")
+            raise InvalidInputError(f"-c, -B, --tag and --flatten do not apply to "
+                                    f"filesystem outputs ({target.name})")
         _convert_to_filesystem(src_path, dst_path, target, format=format,
                                source_options=source_options or {}, options=options or {},
                                progress=progress or no_progress, sync=sync,
@@ -360,9 +363,7 @@ def convert(
                                     hint="choose a format that can, such as qcow2")
         write_options["compress"] = "on"
     backing_name, backing_format = _backing_choice(backing, backing_format, write_options)
-    if os.path.exists(dst_path) and os.path.exists(src_path) \
-            and os.path.samefile(src_path, dst_path):
-        raise InvalidInputError(f"{dst_path}: the output would overwrite the input")
+    _refuse_same_file(src_path, dst_path)
     source = _open_at(src_path, format, source_options or {}, allow_outside=allow_outside,
                       chain=())
     base: Disk | None = None
@@ -446,38 +447,57 @@ def _convert_to_filesystem(src: str, dst: str, target: FormatSpec, *, format: st
     """Build a filesystem from the tree that ``src`` holds (see ``convert``)."""
     if dst == "-":
         raise InvalidInputError(f"a {target.name} filesystem cannot be written to a pipe")
-    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
-        raise InvalidInputError(f"{dst}: the output would overwrite the input")
-    entries: Iterable[Entry]
+    _refuse_same_file(src, dst)
+    output = AtomicOutput(dst, sync=sync)
     tree: _Tree | None = None
     tar_source: FileSource | None = None
-    if format is None and os.path.isdir(src) and not _is_image_dir(src):
-        from imgbridge.converters.dir_to_tree import read_host_tree
-
-        entries = read_host_tree(src)
-    elif format in (None, "tar") and os.path.isfile(src) and _is_tar(src) \
-            and default_registry().detect(src).guessed:
-        from imgbridge.formats.fs.tar import read_tar
-        from imgbridge.model.tree import Layer, flatten
-
-        tar_source = FileSource(src)
-        source = tar_source
-        entries = flatten([Layer(lambda: read_tar(source))])
-    else:
-        if format == "tar":
-            raise InvalidInputError(f"{src}: not a tar archive")
-        platform = source_options.get("platform")
-        tree = _open_tree(src, platform, format=format, partition=partition)
-        entries = tree.entries()
     try:
-        with AtomicOutput(dst, sync=sync) as out:
+        entries: Iterable[Entry]
+        if format is None and os.path.isdir(src) and not _is_image_dir(src):
+            from imgbridge.converters.dir_to_tree import read_host_tree
+
+            # DST may lie inside SRC: neither its temporary file nor an older DST goes in.
+            ours = {(st.st_dev, st.st_ino) for st in map(_stat_or_none, (output.path, dst))
+                    if st is not None}
+            entries = read_host_tree(src, skip=ours)
+        elif format in (None, "tar") and os.path.isfile(src) and _is_tar(src) \
+                and default_registry().detect(src).guessed:
+            from imgbridge.formats.fs.tar import read_tar
+            from imgbridge.model.tree import Layer, flatten
+
+            tar_source = FileSource(src)
+            source = tar_source
+            entries = flatten([Layer(lambda: read_tar(source))])
+        else:
+            if format == "tar":
+                raise InvalidInputError(f"{src}: not a tar archive")
+            platform = source_options.get("platform")
+            tree = _open_tree(src, platform, format=format, partition=partition)
+            entries = tree.entries()
+        with output as out:
             target.create(out, entries, options, progress)
             out.commit()
     finally:
+        output.abort()
         if tree is not None:
             tree.close()
         if tar_source is not None:
             tar_source.close()
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _refuse_same_file(src: str, dst: str) -> None:
+    """Refuse an output that is the input (named as written or through a skopeo-style
+    reference such as ``docker-archive:FILE``): it would be replaced while being read."""
+    path = _split_transport(src, None, {})[0]
+    if os.path.exists(dst) and os.path.exists(path) and os.path.samefile(path, dst):
+        raise InvalidInputError(f"{dst}: the output would overwrite the input")
 
 
 def _is_image_dir(path: str) -> bool:
@@ -747,9 +767,33 @@ class _Tree:
     """What ls/cat/extract/diff read: a container image's layers, or the filesystem inside a
     disk (in any disk format, partition chosen by number or by default the root)."""
 
-    def __init__(self, obj: Any, found: Any = None) -> None:
+    def __init__(self, obj: Any, found: Any = None, name: str = "",
+                 chosen: str | None = None) -> None:
         self.obj = obj  # a ContainerImage, or the Disk holding ``found``
         self.found = found
+        self.name = name
+        #: "partition N (...)" when the partition was chosen for the caller, not asked for.
+        self.chosen = chosen
+
+    def tell(self, notice: Callable[[str], None] | None) -> None:
+        """Say which partition was chosen, once the command has succeeded so far."""
+        if notice is not None and self.chosen is not None:
+            notice(f"{self.name}: reading {self.chosen}")
+            self.chosen = None
+
+    def matching_name(self, by_path: Mapping[str, Entry], want: str) -> str:
+        """``want`` as the tree spells it: on FAT, whose names match whatever their case
+        (as the kernel's vfat and mtools match them), the one entry equal but for case."""
+        if want in by_path or self.found is None or self.found.fs.format_name != "vfat":
+            return want
+        folded = want.casefold()
+        return next((path for path in by_path if path.casefold() == folded), want)
+
+    def explain(self, exc: ImgBridgeError, option: str = "-P N") -> None:
+        """Put the chosen partition into the error's hint, so that a failure (a path not on
+        the partition the user thought) stays one line that still says what was read."""
+        if self.chosen is not None and exc.hint is None:
+            exc.hint = f"read {self.chosen}; {option} reads another partition"
 
     def entries(self, layer: int | None = None) -> list[Entry]:
         """The flattened tree, or layer ``layer``'s entries in archive order (whiteouts
@@ -783,9 +827,10 @@ class _Tree:
 
 def _open_tree(image: str | os.PathLike[str], platform: str | None, *,
                format: str | None = None, partition: int | None = None,
-               notice: Callable[[str], None] | None = None) -> _Tree:
+               ) -> _Tree:
     """Open what ``image`` names as a tree: a container image (``platform`` picks one of an
-    index) or a disk image with a filesystem (``partition`` picks the partition)."""
+    index) or a disk image with a filesystem (``partition`` picks the partition; the
+    tree's ``chosen`` says which one was read when none was asked for)."""
     from .model.image import ContainerImage
 
     name = os.fspath(image)
@@ -794,8 +839,8 @@ def _open_tree(image: str | os.PathLike[str], platform: str | None, *,
     if isinstance(obj, ContainerImage):
         if partition is not None:
             _close(obj)
-            raise InvalidInputError("--partition applies to disk images, not to container "
-                                    "images")
+            raise InvalidInputError(f"{name}: --partition applies to disk images, and this is "
+                                    "a container image")
         return _Tree(obj)
     if isinstance(obj, Disk):
         from imgbridge.converters.disk_to_tree import find_filesystem
@@ -805,9 +850,10 @@ def _open_tree(image: str | os.PathLike[str], platform: str | None, *,
         except BaseException:
             obj.close()
             raise
-        if notice is not None and found.partition is not None and partition is None:
-            notice(f"{name}: reading {found.describe()}")
-        return _Tree(obj, found)
+        chosen = None
+        if found.partition is not None and partition is None:
+            chosen = found.describe()
+        return _Tree(obj, found, name, chosen)
     platforms = getattr(obj, "platforms", None)
     _close(obj)
     if platforms is not None:
@@ -856,24 +902,58 @@ def list_files(
     notice: Callable[[str], None] | None = None,
 ) -> list[Entry]:
     """The entries at ``path`` inside a container image or a disk image, like ``ls -a``: a
-    directory's
-    children (every descendant with ``recursive``), or the entry itself when it is not a
-    directory. Paths are relative to the image's root (``/etc`` and ``etc`` are the same).
+    directory's children (every descendant with ``recursive``), or the entry itself when it
+    is not a directory. Paths are relative to the image's root (``/etc`` and ``etc`` are the
+    same); symlinks among its directories are followed inside the image, as ``ls`` does, and
+    so is its last name when ``path`` ends in ``/``. On FAT, names match whatever their case.
 
     Without ``layer`` this is the image's root filesystem (all layers flattened); with
     ``layer=N`` (0 is the lowest) it is that layer's own entries, whiteouts included
-    (``EntryType.WHITEOUT`` / ``OPAQUE``). ``InvalidInputError`` when nothing is at ``path``.
+    (``EntryType.WHITEOUT`` / ``OPAQUE``), and no link is followed. ``InvalidInputError``
+    when nothing is at ``path``.
 
     For a disk image (any disk format) it is the filesystem of partition ``partition``, by
     default the root one (see :func:`open_filesystem`); ``notice`` is called with one line
-    saying which partition was chosen when none was asked for.
+    saying which partition was chosen when none was asked for (on failure, the error's hint
+    says it instead).
     """
     want = _tree_path(path)
-    tree = _open_tree(image, platform, partition=partition, notice=notice)
+    tree = _open_tree(image, platform, partition=partition)
     try:
         entries = tree.entries(layer)
+        if layer is None:
+            by_path = {e.path: e for e in entries}
+            want = tree.matching_name(by_path, want)
+            want = _through_links(by_path, want, follow_last=path.endswith("/"))
+        listing = _listing(entries, want, layer, recursive, shown=_tree_path(path))
+    except ImgBridgeError as exc:
+        tree.explain(exc)
+        raise
     finally:
         tree.close()
+    tree.tell(notice)
+    return listing
+
+
+def _through_links(by_path: dict[str, Entry], want: str, *, follow_last: bool) -> str:
+    """``want`` with the symlinks of its directories followed (and of its last name with
+    ``follow_last``), as a path of the tree; unchanged when a step is missing (the caller
+    then reports that nothing is there)."""
+    if not want:
+        return want
+    parent, _, last = want.rpartition("/")
+    if follow_last:
+        parent, last = want, ""
+    if not parent:
+        return want
+    entry = _resolve(by_path, parent)
+    if entry is None:
+        return want
+    return "/".join(p for p in (entry.path, last) if p)
+
+
+def _listing(entries: list[Entry], want: str, layer: int | None, recursive: bool, *,
+             shown: str) -> list[Entry]:
     prefix = want + "/" if want else ""
     below = [e for e in entries if e.path.startswith(prefix) and e.path != want
              and (recursive or "/" not in e.path[len(prefix):])]
@@ -893,7 +973,7 @@ def list_files(
                     listed.add(top)
                     below.append(Entry(top, EntryType.DIR, mode=0o755))
     if not (here or below or want == ""):
-        raise InvalidInputError(f"/{want}: no such file or directory in the image"
+        raise InvalidInputError(f"/{shown}: no such file or directory in the image"
                                 + (f" (layer {layer})" if layer is not None else ""))
     return sorted(below, key=lambda e: e.path.split("/"))
 
@@ -955,20 +1035,28 @@ def read_file(
     from .model.tree import EntryType
 
     want = _tree_path(path)
-    img = _open_tree(image, platform, partition=partition, notice=notice)
+    img = _open_tree(image, platform, partition=partition)
     try:
         entries = img.entries(layer)
         by_path = {e.path: e for e in entries}
+        want = img.matching_name(by_path, want)
         entry = _resolve(by_path, want) if layer is None else by_path.get(want)
         if entry is None:
+            named = by_path.get(want)
+            if named is not None and named.type is EntryType.SYMLINK:
+                raise InvalidInputError(f"/{want}: no such file in the image (a symlink to "
+                                        f"{named.link_target}, which is not there)")
             raise InvalidInputError(f"/{want}: no such file in the image"
                                     + (f" (layer {layer})" if layer is not None else ""))
         if entry.type is not EntryType.FILE:
             raise InvalidInputError(f"/{want}: is a {entry.type.value}, not a regular file")
         stream = entry.open()
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, ImgBridgeError):
+            img.explain(exc)
         img.close()
         raise
+    img.tell(notice)
 
     def chunks() -> Iterator[bytes]:
         try:
@@ -1015,12 +1103,14 @@ def extract(
 
     to_tar = _is_tar_out(out)
     output: AtomicOutput | StreamOutput | None = None
+    if to_tar and os.fspath(out) != "-":
+        _refuse_same_file(os.fspath(image), os.fspath(out))
     if to_tar:
         # Checked before the image is opened, so a bad OUT costs nothing.
         output = (StreamOutput(sys.stdout.buffer) if os.fspath(out) == "-"
                   else AtomicOutput(os.fspath(out), sync=sync))
     try:
-        img = _open_tree(image, platform, partition=partition, notice=notice)
+        img = _open_tree(image, platform, partition=partition)
     except BaseException:
         if output is not None:
             output.abort()
@@ -1032,6 +1122,7 @@ def extract(
             entries: Iterable[Entry] = img.entries()
         else:
             entries = img.iter_layer(layer)
+        img.tell(notice)
         if output is None:
             return extract_tree(entries, out)
         from imgbridge.converters.tree_to_tar import write_tree_tar
@@ -1041,6 +1132,9 @@ def extract(
                 report: ExtractReport = write_tree_tar(entries, stream)
             output.commit()
         return report
+    except ImgBridgeError as exc:
+        img.explain(exc)
+        raise
     finally:
         if output is not None:
             output.abort()
@@ -1070,13 +1164,20 @@ def diff(
     """
     from imgbridge.converters.tree_diff import diff_trees
 
-    tree_a = _open_tree(a, platform, format=format_a, partition=partition_a, notice=notice)
+    tree_a = _open_tree(a, platform, format=format_a, partition=partition_a)
     try:
-        tree_b = _open_tree(b, platform, format=format_b, partition=partition_b,
-                            notice=notice)
+        tree_b = _open_tree(b, platform, format=format_b, partition=partition_b)
         try:
-            return diff_trees(tree_a.entries(), tree_b.entries())
+            try:
+                changes = diff_trees(tree_a.entries(), tree_b.entries())
+            except ImgBridgeError as exc:
+                tree_a.explain(exc, "--partition-a N")
+                tree_b.explain(exc, "--partition-b N")
+                raise
         finally:
             tree_b.close()
     finally:
         tree_a.close()
+    tree_a.tell(notice)
+    tree_b.tell(notice)
+    return changes

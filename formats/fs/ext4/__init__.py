@@ -35,8 +35,8 @@ _PROBE_FIELDS = struct.Struct("<IIIIIIIIIII")  # s_inodes_count .. s_inodes_per_
 
 def probe(p: ProbeInput) -> int:
     """100 when the ext magic sits at byte 1080 and the superblock around it is plausible
-    (counts non-zero, block size 1..64 KiB, a known revision); the magic is only two bytes,
-    so it is not trusted alone."""
+    (counts non-zero, block size 1..64 KiB, a known revision); 10 for the magic around an
+    implausible superblock (a damaged one, or chance: the magic is only two bytes)."""
     if p.is_dir or len(p.head) < s.SUPERBLOCK_OFFSET + 0x50:
         return 0
     sb_at = s.SUPERBLOCK_OFFSET
@@ -50,7 +50,9 @@ def probe(p: ProbeInput) -> int:
         and log_block <= s.MAX_LOG_BLOCK_SIZE and per_group > 0 and inodes_per_group > 0
         and rev_level <= s.DYNAMIC_REV
     )
-    return 100 if plausible else 0
+    # The magic alone (two bytes) is weak evidence: say "damaged ext?" (a low score that
+    # inspect reports as unreadable) rather than claim the partition.
+    return 100 if plausible else 10
 
 
 def open(source: ByteSource, resolver: object, options: Mapping[str, str]) -> Ext4Filesystem:
