@@ -184,8 +184,8 @@ def read_partitions(disk: Disk, sector_size: int | None = None) -> PartitionTabl
 
 def _sector_size_hint(disk: Disk) -> int:
     """The logical sector size the disk format records (VHDX does), else 512."""
-    hint = getattr(disk, "logical_sector_size", None)
-    return hint if isinstance(hint, int) and hint in s.SECTOR_SIZES else s.SECTOR
+    hint = disk.logical_sector_size
+    return hint if hint in s.SECTOR_SIZES else s.SECTOR
 
 
 def layout(parts: Sequence[NewPartition], begin: int, end: int,

@@ -194,6 +194,9 @@ class Disk:
     """
 
     format_name: str = "?"
+    #: The guest's logical sector size, where the format records one (VHDX does); partition
+    #: tables are read in these units first.
+    logical_sector_size: int = 512
 
     def __init__(
         self,
