@@ -17,18 +17,18 @@ The count is exact for what the image spec defines, with these rules:
   path inside the same layer are that layer's own business (the earlier one is not counted:
   it is not in a *lower* layer).
 
-The bookkeeping mirrors ``imgbridge.model.tree.flatten`` (whiteouts and opaque markers of a
-layer apply first, then its entries parents-first, then its hardlinks), but keeps only sizes
-and name counts, never contents. Where flatten would refuse the stack (an entry below a
-non-directory, a hardlink to nothing) this module does not: ``inspect`` reports what it can,
-and such an entry is simply taken to hide nothing.
+The bookkeeping mirrors ``imgbridge.model.tree.flatten`` (both order a layer with
+``layer_changes``: whiteouts and opaque markers apply first, then its entries parents-first,
+then its hardlinks), but keeps only sizes and name counts, never contents. Where flatten
+would refuse the stack (an entry below a non-directory, a hardlink to nothing) this module
+does not: ``inspect`` reports what it can, and such an entry is simply taken to hide nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from imgbridge.model.tree import Entry, EntryType
+from imgbridge.model.tree import Entry, EntryType, layer_changes
 
 __all__ = ["WasteCounter"]
 
@@ -79,32 +79,21 @@ class WasteCounter:
         return sum(self.per_layer)
 
     def add_layer(self, entries: Iterable[Entry]) -> int:
-        upper: dict[str, Entry] = {}
-        hidden: list[str] = []
-        opaque: list[str] = []
-        for entry in entries:
-            if entry.type is EntryType.WHITEOUT:
-                hidden.append(entry.path)
-            elif entry.type is EntryType.OPAQUE:
-                opaque.append(entry.path)
-            else:
-                upper[entry.path] = entry  # a later member for the same path wins, as in tar
+        changes = layer_changes(entries)
         wasted = 0
-        # Deletions apply to lower layers only, so all of them run before this layer adds
-        # anything (layer.md), whatever their position in the archive.
-        for path in hidden:
+        for path in changes.whiteouts:
             parent, name = self._parent(path)
             if parent is not None and name in parent.children:
                 wasted += _drop(parent.children.pop(name))
-        for path in opaque:
+        for path in changes.opaques:
             node = self._find(path)
             if isinstance(node, _Dir):
                 for child in node.children.values():
                     wasted += _drop(child)
                 node.children.clear()
         links: list[_Leaf] = []
-        for path in sorted(upper, key=lambda p: p.split("/")):  # parents before children
-            wasted_here, leaf = self._insert(upper[path])
+        for entry in changes.entries:
+            wasted_here, leaf = self._insert(entry)
             wasted += wasted_here
             if leaf is not None and leaf.stored is None:
                 links.append(leaf)

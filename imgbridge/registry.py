@@ -129,6 +129,15 @@ class FormatSpec:
         """Open an image; construct's parse errors become InvalidImageError here, once."""
         if not self.can("read"):
             raise UnsupportedFeatureError(f"format {self.name} cannot be read")
+        module = self.load()
+        wants_folder = bool(getattr(module, "OPENS_DIRECTORY", False))
+        if (source is None) != wants_folder:
+            # Checked here once, rather than by every format's open.
+            where = getattr(resolver, "image_path", None) or "the input"
+            form, other = ("a folder", "a file") if wants_folder else ("a file", "a folder")
+            article = "an" if self.name[0] in "aeiou" else "a"
+            raise InvalidInputError(f"{where}: {article} {self.name} image is {form}, not {other}",
+                                    hint=getattr(module, "OTHER_FORM_HINT", None))
         unknown = sorted(set(options) - set(self.open_options()))
         if unknown:
             raise InvalidInputError(f"format {self.name} has no {unknown[0]!r} to choose when "

@@ -130,3 +130,17 @@ def test_a_raw_file_with_a_filesystem_or_table_is_not_a_guess(tmp_path: Path) ->
     noise = tmp_path / "noise.img"
     noise.write_bytes(bytes(range(256)) * 4096)
     assert default_registry().detect(str(noise)).guessed is True
+
+
+def test_file_and_folder_formats_are_told_apart_once(tmp_path: Path) -> None:
+    """The registry refuses a folder for a file format and a file for a folder format, with
+    one line (and the format's hint), before the format's own open runs."""
+    import imgbridge
+
+    with pytest.raises(InvalidInputError, match="a qcow2 image is a file, not a folder"):
+        imgbridge.open(tmp_path, "qcow2")
+    image = tmp_path / "image.tar"
+    image.write_bytes(bytes(1024))
+    with pytest.raises(InvalidInputError, match="an oci image is a folder, not a file") as exc:
+        imgbridge.open(image, "oci")
+    assert exc.value.hint == "for a tar of a layout use oci-archive:"

@@ -48,10 +48,8 @@ def probe(p: ProbeInput) -> int:
 
 
 def open(
-    source: ByteSource | None, resolver: CompanionResolver, options: Mapping[str, str]
+    source: ByteSource, resolver: CompanionResolver, options: Mapping[str, str]
 ) -> RawDisk:
-    if source is None:
-        raise InvalidInputError(f"{resolver.image_path}: a raw image must be a file")
     return RawDisk(source)
 
 

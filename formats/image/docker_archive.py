@@ -137,11 +137,8 @@ def open_docker_store(store: TarBlobStore, options: Mapping[str, str]) -> Stored
     return image
 
 
-def open(source: ByteSource | None, resolver: CompanionResolver,
+def open(source: ByteSource, resolver: CompanionResolver,
          options: Mapping[str, str]) -> StoredImage | StoredIndex:
-    if source is None:
-        raise InvalidImageError(f"{resolver.image_path}: a Docker archive is a tar file, "
-                                "not a directory")
     store = TarBlobStore(source)
     try:
         if store.has("manifest.json"):

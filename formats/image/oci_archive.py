@@ -26,6 +26,8 @@ from .oci_layout import OPEN_OPTIONS, open_layout
 
 __all__ = ["CREATE_OPTIONS", "OPEN_OPTIONS", "create", "open", "probe", "open_archive_store"]
 
+OTHER_FORM_HINT = "for a layout directory use oci:"
+
 
 def probe(p: ProbeInput) -> int:
     names = tar_member_names(p)
@@ -45,11 +47,8 @@ def open_archive_store(store: TarBlobStore, options: Mapping[str, str],
     return open_layout(store, index, layout, options, format_name)
 
 
-def open(source: ByteSource | None, resolver: CompanionResolver,
+def open(source: ByteSource, resolver: CompanionResolver,
          options: Mapping[str, str]) -> StoredImage | StoredIndex:
-    if source is None:
-        raise InvalidImageError(f"{resolver.image_path}: an OCI archive is a tar file, "
-                                "not a directory", hint="for a layout directory use oci:")
     store = TarBlobStore(source)
     try:
         if store.has("oci-layout"):

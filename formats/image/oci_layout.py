@@ -39,6 +39,10 @@ OPEN_OPTIONS = {"ref": "the image's ref name in index.json", "platform": "os/arc
 __all__ = ["CREATE_OPTIONS", "OPEN_OPTIONS", "WRITES_DIRECTORY", "create", "open", "probe",
            "check_layout_marker", "open_layout"]
 
+#: Opened from a folder (the registry refuses a file before ``open`` runs).
+OPENS_DIRECTORY = True
+OTHER_FORM_HINT = "for a tar of a layout use oci-archive:"
+
 #: The output is a folder: ``convert`` gives ``create`` an ``AtomicOutput(directory=True)``.
 WRITES_DIRECTORY = True
 
@@ -112,10 +116,6 @@ def open_layout(store: BlobStore, index_json: Any, layout: Any, options: Mapping
 
 def open(source: ByteSource | None, resolver: CompanionResolver,
          options: Mapping[str, str]) -> StoredImage | StoredIndex:
-    if source is not None:
-        source.close()
-        raise InvalidImageError(f"{resolver.image_path}: an OCI layout is a directory",
-                                hint="for a tar of a layout use oci-archive:")
     layout = _small_json(resolver, "oci-layout")
     index = _small_json(resolver, "index.json")
     store = DirBlobStore(resolver)

@@ -36,6 +36,9 @@ OPEN_OPTIONS = {"platform": "os/arch[/variant]"}
 
 __all__ = ["OPEN_OPTIONS", "open", "probe"]
 
+#: Opened from a folder (the registry refuses a file before ``open`` runs).
+OPENS_DIRECTORY = True
+
 
 class _SkopeoDirStore(DirBlobStore):
     """``skopeo copy --all`` keeps each platform's manifest as ``<hex>.manifest.json``."""
@@ -57,9 +60,6 @@ def probe(p: ProbeInput) -> int:
 
 def open(source: ByteSource | None, resolver: CompanionResolver,
          options: Mapping[str, str]) -> StoredImage | StoredIndex:
-    if source is not None:
-        source.close()
-        raise InvalidImageError(f"{resolver.image_path}: a skopeo dir: image is a directory")
     base = resolver.base_dir
     for name in ("version", "manifest.json"):
         if not os.path.isfile(os.path.join(base, name)):

@@ -25,9 +25,11 @@ __all__ = [
     "Entry",
     "EntryType",
     "Layer",
+    "LayerChanges",
     "decode_whiteout",
     "encode_whiteout",
     "flatten",
+    "layer_changes",
     "normalize_path",
 ]
 
@@ -386,33 +388,52 @@ def _resolve_hardlink(root: _Node, start: _Node) -> None:
         linked.inode = node.inode
 
 
-def _apply_layer(root: _Node, layer: Layer) -> None:
+@dataclass
+class LayerChanges:
+    """One layer's entries in the order ``layer.md`` applies them to the layers below.
+
+    ``whiteouts`` and ``opaques`` (paths) apply first, whatever their position in the archive
+    (the opaque marker "is applied first"), and to lower layers only. ``entries`` are the
+    others, one per path (a later tar member for the same path wins), parents before children.
+    """
+
+    whiteouts: set[str]
+    opaques: set[str]
+    entries: list[Entry]
+
+
+def layer_changes(entries: Iterable[Entry]) -> LayerChanges:
+    """Split one layer's entries (``.wh.`` names decoded) as flatten applies them; anything
+    that mirrors flatten's bookkeeping (wasted-space counts, say) starts from this."""
     upper: dict[str, Entry] = {}
     whiteouts: set[str] = set()
     opaques: set[str] = set()
-    for raw in layer.iter_entries():
+    for raw in entries:
         entry = decode_whiteout(raw)
         if entry.type is EntryType.WHITEOUT:
             whiteouts.add(entry.path)
         elif entry.type is EntryType.OPAQUE:
             opaques.add(entry.path)
         else:
-            upper[entry.path] = entry  # a later member for the same path wins, as in tar
+            upper[entry.path] = entry
+    ordered = [upper[path] for path in sorted(upper, key=lambda p: p.split("/"))]
+    return LayerChanges(whiteouts, opaques, ordered)
 
-    # Whiteouts apply to lower layers only, so they all run before this layer adds anything,
-    # whatever their position in the archive (layer.md: the opaque marker "is applied first").
-    for path in whiteouts:
+
+def _apply_layer(root: _Node, layer: Layer) -> None:
+    changes = layer_changes(layer.iter_entries())
+    for path in changes.whiteouts:
         parent, name = _find_parent(root, path)
         if parent is not None and parent.children is not None:
             parent.children.pop(name, None)
-    for path in opaques:
+    for path in changes.opaques:
         directory = _find(root, path)
         if directory is not None and directory.children is not None:
             directory.children.clear()
 
     hardlinks: list[_Node] = []
-    for path in sorted(upper, key=lambda p: p.split("/")):  # parents before their children
-        node = _insert(root, upper[path])
+    for entry in changes.entries:
+        node = _insert(root, entry)
         if node.entry is not None and node.entry.type is EntryType.HARDLINK:
             hardlinks.append(node)
     for node in hardlinks:

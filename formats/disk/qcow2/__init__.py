@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from imgbridge.errors import InvalidInputError
 from imgbridge.registry import ProbeInput
 from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource
@@ -36,8 +35,6 @@ def probe(p: ProbeInput) -> int:
 
 
 def open(
-    source: ByteSource | None, resolver: CompanionResolver, options: Mapping[str, str]
+    source: ByteSource, resolver: CompanionResolver, options: Mapping[str, str]
 ) -> Qcow2Disk:
-    if source is None:
-        raise InvalidInputError(f"{resolver.image_path}: a qcow2 image must be a file")
     return Qcow2Disk(source, resolver, options)

@@ -13,18 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from imgbridge.errors import InvalidInputError
-from imgbridge.model.disk import Disk
-from imgbridge.output import AtomicOutput
-from imgbridge.progress import ProgressFn
 from imgbridge.registry import ProbeInput
 from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource
 
 from ._structs import FOOTER_COOKIE, FOOTER_SIZE, OLD_FOOTER_SIZE
 from .reader import VhdDisk, VhdWarning
-from .writer import CREATE_OPTIONS
-from .writer import create as _create
+from .writer import CREATE_OPTIONS, create
 
 __all__ = ["CREATE_OPTIONS", "VhdDisk", "VhdWarning", "create", "open", "probe"]
 
@@ -43,13 +38,6 @@ def probe(p: ProbeInput) -> int:
 
 
 def open(
-    source: ByteSource | None, resolver: CompanionResolver, options: Mapping[str, str]
+    source: ByteSource, resolver: CompanionResolver, options: Mapping[str, str]
 ) -> VhdDisk:
-    if source is None:
-        raise InvalidInputError(f"{resolver.image_path}: a VHD image must be a file")
     return VhdDisk(source, resolver, options)
-
-
-def create(out: AtomicOutput, disk: Disk, options: Mapping[str, str],
-           progress: ProgressFn) -> None:
-    _create(out, disk, options, progress)

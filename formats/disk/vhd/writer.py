@@ -95,20 +95,10 @@ class ParentLink:
     locators: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-def _parse_size(name: str, value: str) -> int:
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    factor = 1
-    for suffix, mult in (("K", KiB), ("M", MiB), ("G", 1 << 30)):
-        if text.endswith(suffix):
-            text, factor = text[:-1], mult
-            break
-    if not text.isdigit():
-        raise InvalidInputError(f"vhd: {name} must be a size such as 2M, not {value!r}")
-    return int(text) * factor
-
-
 def plan(disk_size: int, options: Mapping[str, str]) -> Plan:
     """Validate the options and decide subformat, size, block size and geometry."""
+    from imgbridge.api import parse_size  # the shared qemu-style size parser
+
     azure = parse_switch(options, "azure", False, format="vhd")
     force_size = parse_switch(options, "force_size", True, format="vhd")
     backing = options.get("backing_file") or None
@@ -139,7 +129,7 @@ def plan(disk_size: int, options: Mapping[str, str]) -> Plan:
     if "block_size" in options:
         if subformat == "fixed":
             raise InvalidInputError("vhd: block_size applies to dynamic disks only")
-        block_size = _parse_size("block_size", options["block_size"])
+        block_size = parse_size(options["block_size"], what="vhd: block_size")
         if not MIN_WRITE_BLOCK_SIZE <= block_size <= MAX_WRITE_BLOCK_SIZE \
                 or block_size & (block_size - 1):
             raise InvalidInputError(f"vhd: block_size must be a power of two from 512K to "

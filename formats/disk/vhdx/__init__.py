@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from imgbridge.errors import InvalidInputError
 from imgbridge.model.disk import Disk
 from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn
@@ -35,10 +34,8 @@ def probe(p: ProbeInput) -> int:
 
 
 def open(
-    source: ByteSource | None, resolver: CompanionResolver, options: Mapping[str, str]
+    source: ByteSource, resolver: CompanionResolver, options: Mapping[str, str]
 ) -> VhdxDisk:
-    if source is None:
-        raise InvalidInputError(f"{resolver.image_path}: a VHDX image must be a file")
     return VhdxDisk(source, resolver, options)
 
 

@@ -28,12 +28,11 @@ References: [MS-VHDX] 2.3 (Log), 2.3.1 (log entry header, descriptors, data sect
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from imgbridge.crc32c import crc32c
 from imgbridge.errors import InvalidImageError, UnsupportedFeatureError
-from imgbridge.source import ByteSource, SourceRun
+from imgbridge.source import ByteSource
 
 from . import _structs as S
 
@@ -278,11 +277,6 @@ class OverlaySource(ByteSource):
         if zero_generation:
             return bytes(S.LOG_SECTOR_SIZE)
         return None
-
-    def runs(self, offset: int = 0, length: int | None = None) -> Iterator[SourceRun]:
-        end = self._size if length is None else min(self._size, offset + length)
-        if offset < end:
-            yield SourceRun(offset, end - offset, True)
 
     def close(self) -> None:
         self._base.close()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import array
 import os
-import re
 import sys
 import uuid
 from collections.abc import Mapping
@@ -61,16 +60,17 @@ CREATE_OPTIONS = {
 SECTOR_SIZE = 512
 #: BAT entries written per pwrite.
 BAT_PAGE_ENTRIES = 8192
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b)?\s*$", re.I)
 
 
 def parse_size(text: str, what: str) -> int:
-    """qemu-img style sizes: bytes, or a number with a k/M/G/T suffix (powers of 1024)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise InvalidInputError(f"vhdx: {what} must be a size such as 32M, not {text!r}")
-    shift = 10 * " kmgtpe".index(match.group(2).lower() or " ")
-    return int(match.group(1)) << shift
+    """The shared qemu-style size parser, its error naming the format and the option."""
+    from imgbridge.api import parse_size as parse_qemu_size
+
+    try:
+        return parse_qemu_size(text, what=what)
+    except InvalidInputError:
+        raise InvalidInputError(f"vhdx: {what} must be a size such as 32M, not {text!r}") \
+            from None
 
 
 def default_block_size(size: int) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from imgbridge.errors import InvalidInputError
 from imgbridge.registry import ProbeInput
 from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource
@@ -44,8 +43,6 @@ def probe(p: ProbeInput) -> int:
 
 
 def open(
-    source: ByteSource | None, resolver: CompanionResolver, options: Mapping[str, str]
+    source: ByteSource, resolver: CompanionResolver, options: Mapping[str, str]
 ) -> VmdkDisk:
-    if source is None:
-        raise InvalidInputError(f"{resolver.image_path}: a VMDK image must be a file")
     return VmdkDisk(source, resolver, options)

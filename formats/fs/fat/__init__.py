@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from imgbridge.errors import InvalidImageError, InvalidInputError
+from imgbridge.errors import InvalidImageError
 from imgbridge.registry import ProbeInput, lazy_names
 from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource
@@ -40,12 +40,9 @@ def probe(p: ProbeInput) -> int:
     return 100
 
 
-def open(source: ByteSource | None, resolver: CompanionResolver | None,
+def open(source: ByteSource, resolver: CompanionResolver | None,
          options: Mapping[str, str]) -> FatFilesystem:
     """The volume on ``source`` (a whole file, or one partition of a disk) as a tree."""
-    if source is None:
-        where = resolver.image_path if resolver is not None else "the input"
-        raise InvalidInputError(f"{where}: a FAT volume must be a file, not a folder")
     return FatFilesystem(source)
 
 
