@@ -234,6 +234,19 @@ def _fs_line(fs: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _printed_option_help(opts: Sequence[str], fmt: str | None, path: str) -> bool:
+    """``-o help``: list the output format's options (True when it was asked for)."""
+    if not any(item.strip() == "help" for item in opts):
+        return False
+    from .registry import default_registry
+
+    spec = default_registry().for_output(fmt, path)
+    click.echo(f"Supported options for {spec.name}:")
+    for key, text in sorted(spec.create_options().items()):
+        click.echo(f"  {key:<20}{text}")
+    return True
+
+
 @cli.command("convert")
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
@@ -286,11 +299,7 @@ def convert_cmd(
     from .api import convert, parse_options, plan
     from .registry import default_registry
 
-    if any(item.strip() == "help" for item in opts):
-        spec = default_registry().for_output(out_fmt, dst)
-        click.echo(f"Supported options for {spec.name}:")
-        for key, text in sorted(spec.create_options().items()):
-            click.echo(f"  {key:<20}{text}")
+    if _printed_option_help(opts, out_fmt, dst):
         return
     options = parse_options(list(opts))
     if fs_size is not None:
@@ -344,13 +353,8 @@ def create_cmd(
     Example: imgbridge create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
     """
     from .api import create, parse_options
-    from .registry import default_registry
 
-    if any(item.strip() == "help" for item in opts):
-        spec = default_registry().for_output(fmt, output)
-        click.echo(f"Supported options for {spec.name}:")
-        for key, text in sorted(spec.create_options().items()):
-            click.echo(f"  {key:<20}{text}")
+    if _printed_option_help(opts, fmt, output):
         return
     options = parse_options(list(opts))
     create(output, size, format=fmt, backing=base, backing_format=base_fmt, options=options,
