@@ -189,16 +189,21 @@ def find_filesystem(disk: Disk, partition: int | None = None) -> FoundFilesystem
             raise InvalidInputError(f"{disk.filename}: no partition table and no filesystem "
                                     "that imgbridge can read")
         return _found(spec, source, None, "whole disk", notes, disk)
-    found = list(_partition_filesystems(disk, table))
     if partition is not None:
-        for part, source, spec in found:
-            if part.number == partition:
+        from imgbridge.formats.volume.table import partition_source
+
+        # Only the partition asked for is probed: the others' first bytes are not needed.
+        for part in table.partitions:
+            if part.number == partition and not part.container:
+                source = partition_source(disk, part)
+                spec = probe_filesystem(source)
                 if spec is None:
                     raise InvalidInputError(
                         f"{disk.filename}: partition {partition} holds no filesystem that "
                         "imgbridge can read")
                 return _found(spec, source, part, "asked", notes, disk)
         _no_such_partition(disk, table, partition)
+    found = list(_partition_filesystems(disk, table))
     from imgbridge.formats.volume.table import choose_root_partition
 
     fs_types = {part.number: (spec.name if spec else None) for part, _, spec in found}
