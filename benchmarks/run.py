@@ -155,25 +155,35 @@ def cases(work: Path) -> list[tuple[str, Callable[[], Case]]]:
         return Case("startup (--version)", imgbridge_cmd("--version"),
                     ["qemu-img", "--version"], "qemu-img", [])
 
+    def convert_case(label: str, src: Path, out: str, fmt: str, ours: list[str],
+                     theirs: list[str] | None = None, *, sync: bool = False) -> Case:
+        """Our convert against qemu-img convert on the same input and output options.
+        Without ``sync`` neither side flushes (qemu-img's default cache mode is unsafe)."""
+        dst = work / out
+        flush = [] if sync else ["--no-sync"]
+        return Case(label,
+                    imgbridge_cmd("convert", "-q", *flush, "-f", fmt, *ours, str(src),
+                                  str(dst)),
+                    ["qemu-img", "convert", *(["-t", "writeback"] if sync else []), "-f", fmt,
+                     *(ours if theirs is None else theirs), str(src), str(dst)],
+                    "qemu-img", [dst])
+
+    def qemu_qcow2(src: Path) -> Path:
+        image = work / "fs-by-qemu.qcow2"  # made by qemu-img, so we read a peer's output
+        if not image.exists():
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src),
+                            str(image)], check=True)
+        return image
+
     def raw_to_raw() -> Case:
-        # qemu-img convert's default cache mode (unsafe) never flushes: compare with --no-sync.
-        src = build_filesystem_disk(work)
-        out = work / "out.raw"
-        return Case("raw -> raw, 1 GiB ext4 / 200 MiB, no flush",
-                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "raw", "-O", "raw",
-                                  str(src), str(out)),
-                    ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(out)],
-                    "qemu-img", [out])
+        return convert_case("raw -> raw, 1 GiB ext4 / 200 MiB, no flush",
+                            build_filesystem_disk(work), "out.raw", "raw", ["-O", "raw"])
 
     def raw_to_raw_synced() -> Case:
         # Our default flushes before the rename; qemu-img does that with -t writeback.
-        src = build_filesystem_disk(work)
-        out = work / "out.raw"
-        return Case("raw -> raw, 1 GiB ext4 / 200 MiB, flushed",
-                    imgbridge_cmd("convert", "-q", "-f", "raw", "-O", "raw", str(src), str(out)),
-                    ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "raw",
-                     str(src), str(out)],
-                    "qemu-img", [out])
+        return convert_case("raw -> raw, 1 GiB ext4 / 200 MiB, flushed",
+                            build_filesystem_disk(work), "out.raw", "raw", ["-O", "raw"],
+                            sync=True)
 
     def compare_raw() -> Case:
         src = build_filesystem_disk(work)
@@ -187,83 +197,36 @@ def cases(work: Path) -> list[tuple[str, Callable[[], Case]]]:
                     "qemu-img", [])
 
     def raw_to_qcow2() -> Case:
-        # No flush on either side: --no-sync against qemu-img's default (cache=unsafe).
-        src = build_filesystem_disk(work)
-        out = work / "out.qcow2"
-        return Case("raw -> qcow2, 1 GiB ext4 / 200 MiB",
-                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "raw", "-O", "qcow2",
-                                  str(src), str(out)),
-                    ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src), str(out)],
-                    "qemu-img", [out])
+        return convert_case("raw -> qcow2, 1 GiB ext4 / 200 MiB",
+                            build_filesystem_disk(work), "out.qcow2", "raw", ["-O", "qcow2"])
 
     def qcow2_to_raw() -> Case:
-        src = build_filesystem_disk(work)
-        image = work / "fs-by-qemu.qcow2"  # made by qemu-img, so we read a peer's output
-        if not image.exists():
-            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src),
-                            str(image)], check=True)
-        out = work / "out.raw"
-        return Case("qcow2 -> raw, 1 GiB ext4 / 200 MiB",
-                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "qcow2", "-O", "raw",
-                                  str(image), str(out)),
-                    ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(out)],
-                    "qemu-img", [out])
+        return convert_case("qcow2 -> raw, 1 GiB ext4 / 200 MiB",
+                            qemu_qcow2(build_filesystem_disk(work)), "out.raw", "qcow2",
+                            ["-O", "raw"])
 
     def raw_to_qcow2_compressed() -> Case:
-        src = build_filesystem_disk(work)
-        out = work / "out-c.qcow2"
-        return Case("raw -> qcow2 -c (zlib), 1 GiB / 200 MiB",
-                    imgbridge_cmd("convert", "-q", "--no-sync", "-c", "-f", "raw", "-O", "qcow2",
-                                  str(src), str(out)),
-                    ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(src),
-                     str(out)],
-                    "qemu-img", [out])
+        return convert_case("raw -> qcow2 -c (zlib), 1 GiB / 200 MiB",
+                            build_filesystem_disk(work), "out-c.qcow2", "raw",
+                            ["-c", "-O", "qcow2"])
 
     def raw_to_qcow2_zstd() -> Case:
-        src = build_filesystem_disk(work)
-        out = work / "out-z.qcow2"
-        return Case("raw -> qcow2 -c (zstd), 1 GiB / 200 MiB",
-                    imgbridge_cmd("convert", "-q", "--no-sync", "-c", "-o",
-                                  "compression_type=zstd", "-f", "raw", "-O", "qcow2",
-                                  str(src), str(out)),
-                    ["qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-f", "raw",
-                     "-O", "qcow2", str(src), str(out)],
-                    "qemu-img", [out])
-
-    def qemu_qcow2(src: Path) -> Path:
-        image = work / "fs-by-qemu.qcow2"
-        if not image.exists():
-            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src),
-                            str(image)], check=True)
-        return image
+        return convert_case("raw -> qcow2 -c (zstd), 1 GiB / 200 MiB",
+                            build_filesystem_disk(work), "out-z.qcow2", "raw",
+                            ["-c", "-o", "compression_type=zstd", "-O", "qcow2"])
 
     def raw_to_stream_vmdk() -> Case:
-        src = build_filesystem_disk(work)
-        out = work / "out-stream.vmdk"
-        return Case("raw -> vmdk streamOptimized",
-                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "raw", "-O", "vmdk",
-                                  "-o", "subformat=streamOptimized", str(src), str(out)),
-                    ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o",
-                     "subformat=streamOptimized", str(src), str(out)],
-                    "qemu-img", [out])
+        return convert_case("raw -> vmdk streamOptimized", build_filesystem_disk(work),
+                            "out-stream.vmdk", "raw",
+                            ["-O", "vmdk", "-o", "subformat=streamOptimized"])
 
     def qcow2_to_vhd() -> Case:
-        image = qemu_qcow2(build_filesystem_disk(work))
-        out = work / "out.vhd"
-        return Case("qcow2 -> vhd (dynamic)",
-                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "qcow2", "-O", "vhd",
-                                  str(image), str(out)),
-                    ["qemu-img", "convert", "-f", "qcow2", "-O", "vpc", str(image), str(out)],
-                    "qemu-img", [out])
+        return convert_case("qcow2 -> vhd (dynamic)", qemu_qcow2(build_filesystem_disk(work)),
+                            "out.vhd", "qcow2", ["-O", "vhd"], ["-O", "vpc"])
 
     def raw_to_vhdx() -> Case:
-        src = build_filesystem_disk(work)
-        out = work / "out.vhdx"
-        return Case("raw -> vhdx (dynamic)",
-                    imgbridge_cmd("convert", "-q", "--no-sync", "-f", "raw", "-O", "vhdx",
-                                  str(src), str(out)),
-                    ["qemu-img", "convert", "-f", "raw", "-O", "vhdx", str(src), str(out)],
-                    "qemu-img", [out])
+        return convert_case("raw -> vhdx (dynamic)", build_filesystem_disk(work), "out.vhdx",
+                            "raw", ["-O", "vhdx"])
 
     def oci_to_docker_archive() -> Case:
         ref, label = build_debian_image(work)
