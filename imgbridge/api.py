@@ -454,15 +454,15 @@ def _convert_to_filesystem(src: str, dst: str, target: FormatSpec, *, format: st
     tar_source: FileSource | None = None
     try:
         entries: Iterable[Entry]
-        if format is None and os.path.isdir(src) and not _is_image_dir(src):
+        plain = _plain_tree(src, format)
+        if plain == "folder":
             from imgbridge.converters.dir_to_tree import read_host_tree
 
             # DST may lie inside SRC: neither its temporary file nor an older DST goes in.
             ours = {(st.st_dev, st.st_ino) for st in map(_stat_or_none, (output.path, dst))
                     if st is not None}
             entries = read_host_tree(src, skip=ours)
-        elif format in (None, "tar") and os.path.isfile(src) and _is_tar(src) \
-                and default_registry().detect(src).guessed:
+        elif plain == "tar":
             from imgbridge.formats.fs.tar import read_tar
             from imgbridge.model.tree import Layer, flatten
 
@@ -501,12 +501,19 @@ def _refuse_same_file(src: str, dst: str) -> None:
         raise InvalidInputError(f"{dst}: the output would overwrite the input")
 
 
-def _is_image_dir(path: str) -> bool:
-    try:
-        default_registry().detect(path)
-    except InvalidInputError:
-        return False
-    return True
+def _plain_tree(src: str, format: str | None) -> str | None:
+    """``"folder"`` or ``"tar"`` when ``src`` is a tree as it is (a host folder that is no
+    image layout, a tar archive that no image format claims), else None."""
+    if format is None and os.path.isdir(src):
+        try:
+            default_registry().detect(src)
+        except InvalidInputError:
+            return "folder"
+        return None
+    if format in (None, "tar") and os.path.isfile(src) and _is_tar(src) \
+            and default_registry().detect(src).guessed:
+        return "tar"
+    return None
 
 
 def _backing_choice(backing: str | os.PathLike[str] | None, backing_format: str | None,
@@ -600,14 +607,10 @@ def plan(
     registry = default_registry()
     target = registry.for_output(output_format, os.fspath(dst))
     name, format, _ = _split_transport(os.fspath(src), format, {})
-    if format is None and target.kind is Kind.FS and (
-            (os.path.isdir(name) and not _is_image_dir(name))
-            or (os.path.isfile(name) and _is_tar(name) and registry.detect(name).guessed)):
+    plain = _plain_tree(name, format) if target.kind is Kind.FS else None
+    if plain is not None:
         # A host folder or a tar is a tree already; describe it as the target's own kind.
-        from imgbridge.registry import FormatSpec as Spec
-
-        source = Spec(name="folder" if os.path.isdir(name) else "tar", kind=Kind.FS,
-                      module="")
+        source = FormatSpec(name=plain, kind=Kind.FS, module="")
     else:
         source = registry.get(format) if format else registry.detect(name).spec
     return make_plan(source, target).describe()
