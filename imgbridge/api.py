@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import builtins
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from .errors import ImgBridgeError, InvalidInputError, MissingCompanionError
 from .model.disk import MAX_IO, CheckReport, Disk, Extent, ExtentKind
 from .model.image import ContainerImage, ImageIndex
+from .options import parse_size
 from .output import AtomicOutput, StreamOutput
 from .progress import ProgressFn, no_progress
 from .registry import FormatSpec, Kind, default_registry
@@ -263,33 +262,6 @@ def parse_options(items: list[str] | tuple[str, ...] | str | None) -> dict[str, 
 
 
 #: qemu's size suffixes: binary multiples; "b" (or none) means bytes.
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-               "p": 1 << 50, "e": 1 << 60}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([bkmgtpe]?)", re.IGNORECASE)
-
-
-def parse_size(value: str | int, *, what: str = "size") -> int:
-    """A size in qemu's notation: ``1048576``, ``64k``, ``1.5M``, ``10G``, ``2T`` (binary
-    units, case-insensitive). Refuses negative, fractional-byte and absurd (>= 2**63) sizes.
-    """
-    if isinstance(value, bool):
-        raise InvalidInputError(f"{what} must be a size, not {value!r}")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE_RE.fullmatch(value.strip())
-        if match is None:
-            raise InvalidInputError(
-                f"{what} {value!r} is not a size (a number with an optional k, M, G, T suffix)")
-        exact = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-        if exact.denominator != 1:
-            raise InvalidInputError(f"{what} {value!r} is not a whole number of bytes")
-        size = int(exact)
-    if size < 0 or size >= 1 << 63:
-        raise InvalidInputError(f"{what} {value!r} is out of range")
-    return size
-
-
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],

@@ -53,6 +53,7 @@ from typing import NamedTuple
 from imgbridge.concurrency import WriteBehind, prefetch
 from imgbridge.errors import InternalError, InvalidInputError, UnsupportedFeatureError
 from imgbridge.model.disk import MAX_IO, ZERO_GRANULE, BlockState, Disk, ExtentKind
+from imgbridge.options import parse_size
 from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn
 
@@ -126,8 +127,6 @@ _ON = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false"
 
 def parse_create_options(options: Mapping[str, str]) -> Settings:
     """Validate every option before anything is written; one clear error for a bad value."""
-    from imgbridge.api import parse_size  # the shared qemu-style size parser
-
     compat = options.get("compat", "1.1")
     versions = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
     if compat not in versions:

@@ -44,7 +44,7 @@ from urllib.parse import quote
 from imgbridge.concurrency import WriteBehind, prefetch, pwrite_all
 from imgbridge.errors import InvalidInputError
 from imgbridge.model.disk import MAX_IO, BlockState, Disk, iter_nonzero
-from imgbridge.options import parse_switch
+from imgbridge.options import parse_size, parse_switch
 from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn
 
@@ -95,10 +95,17 @@ class ParentLink:
     locators: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
+def _parse_block_size(text: str) -> int:
+    """The shared qemu-style size parser, its error naming the format and the option."""
+    try:
+        return parse_size(text, what="block_size")
+    except InvalidInputError:
+        raise InvalidInputError(f"vhd: block_size must be a size such as 2M, not {text!r}") \
+            from None
+
+
 def plan(disk_size: int, options: Mapping[str, str]) -> Plan:
     """Validate the options and decide subformat, size, block size and geometry."""
-    from imgbridge.api import parse_size  # the shared qemu-style size parser
-
     azure = parse_switch(options, "azure", False, format="vhd")
     force_size = parse_switch(options, "force_size", True, format="vhd")
     backing = options.get("backing_file") or None
@@ -129,7 +136,7 @@ def plan(disk_size: int, options: Mapping[str, str]) -> Plan:
     if "block_size" in options:
         if subformat == "fixed":
             raise InvalidInputError("vhd: block_size applies to dynamic disks only")
-        block_size = parse_size(options["block_size"], what="vhd: block_size")
+        block_size = _parse_block_size(options["block_size"])
         if not MIN_WRITE_BLOCK_SIZE <= block_size <= MAX_WRITE_BLOCK_SIZE \
                 or block_size & (block_size - 1):
             raise InvalidInputError(f"vhd: block_size must be a power of two from 512K to "

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from imgbridge.model.disk import Disk
-from imgbridge.output import AtomicOutput
-from imgbridge.progress import ProgressFn
 from imgbridge.registry import ProbeInput
 from imgbridge.resolver import CompanionResolver
 from imgbridge.source import ByteSource
 
 from ._structs import FILE_SIGNATURE
 from .reader import VhdxDisk
-from .writer import CREATE_OPTIONS, write_vhdx
+from .writer import CREATE_OPTIONS, create
 
 __all__ = ["CREATE_OPTIONS", "VhdxDisk", "create", "open", "probe"]
 
@@ -37,7 +34,3 @@ def open(
     source: ByteSource, resolver: CompanionResolver, options: Mapping[str, str]
 ) -> VhdxDisk:
     return VhdxDisk(source, resolver, options)
-
-
-def create(out: AtomicOutput, disk: Disk, options: Mapping[str, str], progress: ProgressFn) -> None:
-    write_vhdx(out.path, disk, options, progress)

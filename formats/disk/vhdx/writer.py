@@ -39,12 +39,14 @@ from imgbridge.concurrency import WriteBehind, prefetch, pwrite_all
 from imgbridge.crc32c import crc32c_with_zeroed_field
 from imgbridge.errors import InvalidInputError
 from imgbridge.model.disk import Disk, iter_nonzero
+from imgbridge.options import parse_size as parse_qemu_size
 from imgbridge.options import parse_switch
+from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn
 
 from . import _structs as S
 
-__all__ = ["CREATE_OPTIONS", "Layout", "plan_layout", "write_vhdx"]
+__all__ = ["CREATE_OPTIONS", "Layout", "create", "plan_layout"]
 
 CREATE_OPTIONS = {
     "subformat": "dynamic (the default: blocks are allocated as data is written) or fixed "
@@ -64,8 +66,6 @@ BAT_PAGE_ENTRIES = 8192
 
 def parse_size(text: str, what: str) -> int:
     """The shared qemu-style size parser, its error naming the format and the option."""
-    from imgbridge.api import parse_size as parse_qemu_size
-
     try:
         return parse_qemu_size(text, what=what)
     except InvalidInputError:
@@ -174,7 +174,7 @@ def _entry(host: int, state: int) -> int:
     return (host >> S.BAT_OFFSET_SHIFT) << S.BAT_OFFSET_SHIFT | state
 
 
-def write_vhdx(path: str, disk: Disk, options: Mapping[str, str], progress: ProgressFn) -> None:
+def create(out: AtomicOutput, disk: Disk, options: Mapping[str, str], progress: ProgressFn) -> None:
     subformat = options.get("subformat", "dynamic")
     if subformat not in ("dynamic", "fixed"):
         raise InvalidInputError(f"vhdx: subformat must be dynamic or fixed, not {subformat!r} "
@@ -186,7 +186,7 @@ def write_vhdx(path: str, disk: Disk, options: Mapping[str, str], progress: Prog
     log_size = parse_size(options.get("log_size", "1M"), "log_size")
     zero_state = parse_switch(options, "block_state_zero", True, format="vhdx")
     layout = plan_layout(size, block_size, log_size)
-    fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+    fd = os.open(out.path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
     try:
         progress(0, disk.size)
         if fixed:

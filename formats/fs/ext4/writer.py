@@ -41,7 +41,7 @@ from uuid import UUID
 from imgbridge.crc32c import crc32c_raw
 from imgbridge.errors import InvalidInputError
 from imgbridge.model.tree import Entry, EntryType
-from imgbridge.options import parse_switch
+from imgbridge.options import parse_size, parse_switch
 from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn
 
@@ -1029,8 +1029,6 @@ def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
            progress: ProgressFn) -> None:
     """Write ``tree`` as a raw (sparse) ext4 image into ``out``."""
     from imgbridge.formats.disk import raw
-
-    from imgbridge.api import parse_size
 
     unknown = sorted(set(options) - set(CREATE_OPTIONS))
     if unknown:

@@ -55,7 +55,7 @@ from typing import BinaryIO
 from imgbridge.errors import InvalidInputError, UnsupportedFeatureError
 from imgbridge.model.disk import BlockState, Disk, Run
 from imgbridge.model.tree import Entry, EntryType
-from imgbridge.options import parse_switch
+from imgbridge.options import parse_size, parse_switch
 from imgbridge.output import AtomicOutput
 from imgbridge.progress import ProgressFn
 
@@ -796,8 +796,6 @@ def create(out: AtomicOutput, tree: Iterable[Entry], options: Mapping[str, str],
            progress: ProgressFn) -> None:
     """Write ``tree`` as a FAT32 volume into ``out``, a raw image (free space left sparse)."""
     from imgbridge.formats.disk import raw
-
-    from imgbridge.api import parse_size
 
     size = parse_size(options["size"]) if options.get("size") else None
     cluster_size = (parse_size(options["cluster_size"], what="cluster_size")

@@ -292,6 +292,15 @@ def test_bad_options_are_refused(options: dict[str, str], message: str) -> None:
         plan(MiB, options)
 
 
+@pytest.mark.parametrize(("text", "value"), [
+    ("512K", 512 * KiB), ("2048k", 2 * MiB), ("2097152", 2 * MiB), ("0.5M", 512 * KiB),
+    ("256M", 256 * MiB),
+])
+def test_block_size_takes_qemu_sizes(text: str, value: int) -> None:
+    """block_size goes through the shared qemu-style parser (imgbridge.api.parse_size)."""
+    assert plan(8 * MiB, {"block_size": text}).block_size == value
+
+
 class HugeDisk(Disk):
     """A disk of any size that stores nothing (the writer must refuse before reading it)."""
 

@@ -317,6 +317,14 @@ def test_bad_create_options_are_refused(tmp_path: Path, key: str, value: str,
     assert not (tmp_path / "o.vhdx").exists()
 
 
+@pytest.mark.parametrize(("text", "value"), [
+    ("1M", MiB), ("2048k", 2 * MiB), ("33554432", 32 * MiB), ("0.25G", 256 * MiB),
+])
+def test_size_options_take_qemu_sizes(text: str, value: int) -> None:
+    """block_size and log_size go through the shared qemu-style parser."""
+    assert vhdx.writer.parse_size(text, "block_size") == value
+
+
 def test_probe_needs_the_signature() -> None:
     assert vhdx.probe(ProbeInput(b"vhdxfile" + bytes(100), b"", "x.img", 1 << 20)) == 100
     assert vhdx.probe(ProbeInput(b"vhdxfilf" + bytes(100), b"", "x.vhdx", 1 << 20)) == 0
