@@ -32,7 +32,7 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Iterator, Mapping
 from decimal import Decimal, InvalidOperation
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from imgbridge.errors import InvalidImageError, UnsupportedFeatureError
 from imgbridge.model.tree import Entry, EntryType, decode_whiteout, normalize_path
@@ -46,6 +46,9 @@ PAX_XATTR_PREFIX = "SCHILY.xattr."
 #: More members than this in one layer is not a real image (the largest distro layers have a
 #: few hundred thousand); stop before the caller's memory does.
 MAX_MEMBERS = 10_000_000
+#: PAX records (names, link targets, xattrs) and GNU long names are a few KB; xattr values are
+#: at most 64 KiB each on Linux. Past this a record is hostile, not metadata.
+MAX_HEADER_RECORD = 16 << 20
 
 _TYPES = {
     tarfile.REGTYPE: EntryType.FILE,
@@ -149,6 +152,27 @@ def read_tar(source: ByteSource) -> Iterator[Entry]:
             raise
 
 
+class _HeaderReads:
+    """The archive as ``tarfile`` sees it here: it reads only headers (member data is taken
+    by offset), but it reads a PAX or GNU long-name record whole, at whatever size its header
+    claims, allocating that much first. A read past ``MAX_HEADER_RECORD`` is refused."""
+
+    def __init__(self, inner: BinaryIO, name: str) -> None:
+        self._inner = inner
+        self._name = name
+
+    def read(self, n: int = -1) -> bytes:
+        if n > MAX_HEADER_RECORD:
+            offset = self._inner.tell()
+            raise InvalidImageError(f"a tar header record claims {n} bytes; more than "
+                                    f"{MAX_HEADER_RECORD} is not a real archive",
+                                    path=self._name, offset=offset)
+        return self._inner.read(n)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._inner, attr)
+
+
 def iter_members(source: ByteSource, max_members: int) -> Iterator[tarfile.TarInfo]:
     """The member headers of the tar archive in ``source``, as real tools write archives.
 
@@ -160,7 +184,8 @@ def iter_members(source: ByteSource, max_members: int) -> Iterator[tarfile.TarIn
     fileobj = source.as_fileobj()  # closed in the finally below, after the generator ends
     try:
         try:
-            archive = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115
+            archive = tarfile.open(fileobj=_HeaderReads(fileobj, source.name),  # noqa: SIM115
+                                   mode="r:")
         except tarfile.ReadError as exc:
             raise InvalidImageError(f"not a tar archive ({exc})", path=source.name) from None
         count = 0

@@ -87,3 +87,16 @@ def test_member_data_past_the_end_is_an_error() -> None:
 
 def test_empty_blob_is_an_empty_layer() -> None:
     assert list(read_tar(BytesSource(b""))) == []
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_huge_header_record_is_refused_before_it_is_read(fmt: int) -> None:
+    # A long name makes tarfile write a PAX ('x') or GNU long-name ('L') record first; its
+    # size field then claims 8 GiB, which tarfile would allocate before reading a byte.
+    data = bytearray(_tar([(_info("d/" + "n" * 150, size=2), b"hi")], fmt=fmt))
+    assert data[156:157] in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME)
+    data[124:136] = b"77777777777\0"
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+    with pytest.raises(InvalidImageError, match="header record claims 8589934592 bytes"):
+        list(read_tar(BytesSource(bytes(data))))
