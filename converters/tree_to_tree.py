@@ -24,7 +24,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, BinaryIO
 
-from imgbridge.formats.image._blobs import LayerBlob, StoredImage
+from imgbridge.formats.image._blobs import (
+    LayerBlob,
+    StoredImage,
+    VerifyingReader,
+    compression_of_content,
+)
 from imgbridge.formats.image._write import (
     COMPRESSIONS,
     OutLayer,
@@ -37,57 +42,14 @@ from imgbridge.formats.image._write import (
     parse_tag,
 )
 
-from imgbridge.errors import InvalidImageError, InvalidInputError, UnsupportedFeatureError
+from imgbridge.errors import InvalidInputError, UnsupportedFeatureError
 from imgbridge.model.image import ContainerImage, HistoryEntry, ImageIndex
 from imgbridge.model.tree import Entry
 from imgbridge.progress import ProgressFn
-from imgbridge.source import ByteSource
 
 __all__ = ["convert_image", "flatten", "from_image", "prepare", "recompress", "retag"]
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 FLATTEN_CREATED_BY = "imgbridge convert --flatten"
-
-
-class _Verifying:
-    """Streams a stored blob, checking its size and digest when the end is reached: a blob
-    copied unchanged is still never trusted."""
-
-    def __init__(self, source: ByteSource, digest: str, size: int) -> None:
-        import hashlib
-
-        self.source, self.digest, self.size = source, digest, size
-        self.pos = 0
-        self.hash = hashlib.new(digest.partition(":")[0])
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = max(self.source.size - self.pos, 0)
-        data = self.source.read_at(self.pos, min(n, 1 << 22)) if n else b""
-        self.pos += len(data)
-        self.hash.update(data)
-        if n and not data:
-            got = f"{self.hash.name}:{self.hash.hexdigest()}"
-            if self.pos != self.size or got != self.digest:
-                raise InvalidImageError(f"blob {self.digest}: {self.pos} bytes hashing to "
-                                        f"{got}; the manifest says {self.size} bytes")
-        return data
-
-    def close(self) -> None:
-        """The source belongs to the image's store, which closes it."""
-
-    def __enter__(self) -> _Verifying:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _magic(source: ByteSource) -> str:
-    head = source.read_at(0, 4)
-    return ("gzip" if head.startswith(_GZIP_MAGIC) else
-            "zstd" if head.startswith(_ZSTD_MAGIC) else "none")
 
 
 def _stored(blob: LayerBlob) -> ReadyBlob:
@@ -102,8 +64,8 @@ def _stored(blob: LayerBlob) -> ReadyBlob:
     desc = blob.desc
     source = blob._opener()
     assert blob.diff_id is not None  # load_manifest always passes the config's diff_id
-    return ReadyBlob(desc.digest, desc.size, blob.diff_id, _magic(source),
-                     lambda: _Verifying(source, desc.digest, desc.size))  # type: ignore[arg-type,return-value,unused-ignore]
+    return ReadyBlob(desc.digest, desc.size, blob.diff_id, compression_of_content(source),
+                     lambda: VerifyingReader(source, desc.digest, desc.size))  # type: ignore[arg-type,return-value,unused-ignore]
 
 
 def _plain(blob: LayerBlob) -> ReadyBlob:

@@ -176,6 +176,13 @@ def compression_of_media_type(media_type: str) -> str | None:
     return None
 
 
+def compression_of_content(blob: ByteSource) -> str:
+    """"gzip", "zstd" or "none", as the blob's first bytes say."""
+    magic = blob.read_at(0, 4)
+    return ("gzip" if magic.startswith(_GZIP_MAGIC) else
+            "zstd" if magic.startswith(_ZSTD_MAGIC) else "none")
+
+
 class _SpoolSource(ByteSource):
     """A ByteSource over an anonymous temporary file (deleted by the OS when closed)."""
 
@@ -224,6 +231,34 @@ class _HashingReader:
             pass
 
 
+class VerifyingReader(_HashingReader):
+    """Streams a stored blob, checking its size and digest when the end is reached: a blob
+    copied unchanged is still never trusted. The source belongs to its store, which closes it.
+    """
+
+    def __init__(self, source: ByteSource, digest: str, size: int) -> None:
+        super().__init__(source, _hasher(digest))
+        self.digest, self.size = digest, size
+
+    def read(self, n: int = -1) -> bytes:
+        data = super().read(n)
+        if n != 0 and not data:
+            got = f"{self.hasher.name}:{self.hasher.hexdigest()}"
+            if self.pos != self.size or got != self.digest:
+                raise InvalidImageError(f"blob {self.digest}: {self.pos} bytes hashing to "
+                                        f"{got}; the manifest says {self.size} bytes")
+        return data
+
+    def close(self) -> None:
+        """Nothing to release: the store owns the source."""
+
+    def __enter__(self) -> VerifyingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class LayerBlob:
     """One layer blob, verified and made randomly readable on first use (then cached).
 
@@ -253,9 +288,7 @@ class LayerBlob:
             raise InvalidImageError(f"layer blob {name}: {blob.size} bytes stored, the "
                                     f"manifest says {self.desc.size}")
         self.compressed_size = blob.size
-        magic = blob.read_at(0, 4)
-        found = ("gzip" if magic.startswith(_GZIP_MAGIC) else
-                 "zstd" if magic.startswith(_ZSTD_MAGIC) else "none")
+        found = compression_of_content(blob)
         promised = compression_of_media_type(self.desc.media_type) if self.desc else None
         if promised is not None and promised != found:
             raise InvalidImageError(f"layer blob {name}: media type {self.desc.media_type} "  # type: ignore[union-attr]
@@ -289,6 +322,12 @@ class LayerBlob:
                                     f"the config's diff_id is {self.diff_id}")
         self.diff_id = diff
         return tar
+
+    def release(self) -> None:
+        """Drop the spooled tar, if any (an uncompressed blob's tar is the store's)."""
+        if isinstance(self._tar, _SpoolSource):
+            self._tar.close()
+        self._tar = None
 
     def to_layer(self) -> Layer:
         return Layer(entries=lambda: read_tar(self.tar()), digest=self.digest,
@@ -351,8 +390,7 @@ class StoredImage(ContainerImage):
 
     def close(self) -> None:
         for blob in getattr(self, "blobs", []):
-            if blob._tar is not None and isinstance(blob._tar, _SpoolSource):
-                blob._tar.close()
+            blob.release()
         if self.store is not None:
             self.store.close()
 
