@@ -129,6 +129,11 @@ def _remove_tree(parent: int, name: str) -> None:
             os.close(fd)
 
 
+def _times(entry: Entry) -> tuple[int, int]:
+    """(atime, mtime) in ns for os.utime; a source without atimes gets the mtime, as tar does."""
+    return (entry.atime if entry.atime is not None else entry.mtime, entry.mtime)
+
+
 class _Writer:
     def __init__(self, out: str, report: ExtractReport) -> None:
         self.report = report
@@ -285,8 +290,7 @@ class _Writer:
             self._owner(out, None, entry)
             self._xattrs(out, entry)
             self._mode(out, entry)
-            os.utime(out, ns=(entry.atime if entry.atime is not None else entry.mtime,
-                              entry.mtime))
+            os.utime(out, ns=_times(entry))
         finally:
             os.close(out)
         self.made.add(entry.path)
@@ -309,8 +313,7 @@ class _Writer:
                     os.setxattr(where, key, value, follow_symlinks=False)
                 except OSError:
                     self.report.xattrs.append((entry.path, key))
-        os.utime(name, ns=(entry.atime if entry.atime is not None else entry.mtime,
-                           entry.mtime), dir_fd=fd, follow_symlinks=False)
+        os.utime(name, ns=_times(entry), dir_fd=fd, follow_symlinks=False)
 
     def _owner(self, target: int | None, named: tuple[int, str] | None, entry: Entry) -> None:
         if not self.root_user:
@@ -353,8 +356,7 @@ class _Writer:
                     self._owner(dfd, None, entry)
                     self._xattrs(dfd, entry)
                 self._mode(dfd, entry)
-                os.utime(dfd, ns=(entry.atime if entry.atime is not None else entry.mtime,
-                                  entry.mtime))
+                os.utime(dfd, ns=_times(entry))
             finally:
                 os.close(dfd)
 
