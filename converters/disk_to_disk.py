@@ -20,7 +20,8 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 
 from imgbridge.errors import ImgBridgeError
-from imgbridge.model.disk import MAX_IO, BlockState, Disk, ExtentKind, Run
+from imgbridge.model.disk import MAX_IO, BlockState, Disk, ExtentKind, Run, merge_runs
+from imgbridge.options import parse_size
 from imgbridge.output import Output
 from imgbridge.progress import ProgressFn
 from imgbridge.registry import FormatSpec
@@ -57,8 +58,6 @@ def _granule(options: Mapping[str, str]) -> int:
     text = options.get("cluster_size")
     if text is None:
         return DEFAULT_DIFF_GRANULE
-    from imgbridge.api import parse_size
-
     try:
         size = parse_size(text)
     except ImgBridgeError:
@@ -138,10 +137,13 @@ class DiffDisk(Disk):
         if src == other:
             yield Run(offset, n, BlockState.UNALLOCATED)
             return
+        yield from merge_runs(self._granules(offset, src, other))
+
+    def _granules(self, offset: int, src: bytes, other: bytes) -> Iterator[Run]:
+        """One run per granule of ``src``: equal to ``other``, all zero, or data."""
         g = self.granule
         zero = bytes(g)
-        pending: Run | None = None
-        for at in range(0, n, g):
+        for at in range(0, len(src), g):
             piece = src[at:at + g]
             if piece == other[at:at + g]:
                 state = BlockState.UNALLOCATED
@@ -149,14 +151,7 @@ class DiffDisk(Disk):
                 state = BlockState.ZERO
             else:
                 state = BlockState.DATA
-            if pending is not None and pending.state is state:
-                pending = pending._replace(length=pending.length + len(piece))
-                continue
-            if pending is not None:
-                yield pending
-            pending = Run(offset + at, len(piece), state)
-        if pending is not None:
-            yield pending
+            yield Run(offset + at, len(piece), state)
 
     def _read_source(self, offset: int, n: int) -> bytes:
         data = self.source.read_at(offset, n)
