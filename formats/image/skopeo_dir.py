@@ -48,7 +48,9 @@ class _SkopeoDirStore(DirBlobStore):
         alt = f"{hexpart}.manifest.json"
         if (what == "manifest" and not os.path.lexists(os.path.join(self.name, hexpart))
                 and os.path.lexists(os.path.join(self.name, alt))):
-            return self.resolver.open_source(alt, f"{what} {digest}")
+            source = self.resolver.open_source(alt, f"{what} {digest}")
+            self._opened.append(source)  # closed with the store, as every other blob
+            return source
         return super().open(digest, what)
 
 
