@@ -20,6 +20,7 @@ from imgbridge.model.tree import (
     decode_whiteout,
     encode_whiteout,
     flatten,
+    layer_changes,
     normalize_path,
 )
 
@@ -654,3 +655,18 @@ def test_flatten_output_invariants(layers: list[Layer]) -> None:
             assert len(content(entry)) == entry.size
         seen[entry.path] = entry
     assert [_key(e.path) for e in out] == sorted(_key(e.path) for e in out)
+
+
+def test_layer_changes_orders_a_layer_as_flatten_applies_it() -> None:
+    changes = layer_changes([
+        f("a/b/c", b"old"),
+        f("a/.wh.gone"),
+        Entry("a/b", DIR),
+        f("a/.wh..wh..opq"),
+        f("a/b/c", b"new"),
+        Entry("a", DIR),
+    ])
+    assert changes.whiteouts == {"a/gone"}
+    assert changes.opaques == {"a"}
+    assert [e.path for e in changes.entries] == ["a", "a/b", "a/b/c"]
+    assert changes.entries[2].open().read() == b"new"  # the later member wins
