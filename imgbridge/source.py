@@ -27,6 +27,7 @@ __all__ = [
     "RangeSource",
     "SourceRun",
     "ZeroSource",
+    "pread_full",
     "read_exact",
 ]
 
@@ -37,6 +38,23 @@ class SourceRun(NamedTuple):
     offset: int
     length: int
     data: bool
+
+
+def pread_full(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` of ``fd`` (fewer only at the end of the file): ``pread`` may
+    return short for large requests (Linux caps one call near 2 GiB), so finish the read."""
+    data = os.pread(fd, n, offset)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        chunk = os.pread(fd, n - got, offset + got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 class ByteSource:
@@ -125,20 +143,7 @@ class FileSource(ByteSource):
     def read_at(self, offset: int, n: int) -> bytes:
         if n <= 0 or offset >= self._size:
             return b""
-        n = min(n, self._size - offset)
-        data = os.pread(self._fd, n, offset)
-        if len(data) == n:
-            return data
-        # pread may return short on some systems for large requests; finish the read.
-        parts = [data]
-        got = len(data)
-        while got < n:
-            chunk = os.pread(self._fd, n - got, offset + got)
-            if not chunk:
-                break
-            parts.append(chunk)
-            got += len(chunk)
-        return b"".join(parts)
+        return pread_full(self._fd, min(n, self._size - offset), offset)
 
     def runs(self, offset: int = 0, length: int | None = None) -> Iterator[SourceRun]:
         end = self._size if length is None else min(self._size, offset + length)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from typing import IO, Any
 from imgbridge.errors import InvalidImageError, InvalidInputError, UnsupportedFeatureError
 from imgbridge.model.image import ContainerImage, ImageConfig, ImageIndex, Platform
 from imgbridge.model.tree import Entry, EntryType, Layer
-from imgbridge.source import ByteSource
+from imgbridge.source import ByteSource, pread_full
 
 from ...converters.layer_waste import WasteCounter
 from ..fs.tar import read_tar
@@ -198,7 +197,7 @@ class _SpoolSource(ByteSource):
     def read_at(self, offset: int, n: int) -> bytes:
         if n <= 0 or offset >= self._size:
             return b""
-        return os.pread(self._spool.fileno(), min(n, self._size - offset), offset)
+        return pread_full(self._spool.fileno(), min(n, self._size - offset), offset)
 
     def close(self) -> None:
         self._spool.close()
