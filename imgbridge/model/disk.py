@@ -366,10 +366,22 @@ class Disk:
         out["dirty-flag"] = False
         if self.format_guessed:
             out["format-guessed"] = True
+        reference = self.backing_reference()
+        if reference is not None:
+            out["backing-filename"], backing_format = reference
+            if self.backing is not None:
+                out["full-backing-filename"] = self.backing.filename
+            if backing_format:
+                out["backing-filename-format"] = backing_format
         specific = self.format_specific()
         if specific is not None:
             out["format-specific"] = {"type": self.format_name, "data": specific}
         return out
+
+    def backing_reference(self) -> tuple[str, str | None] | None:
+        """The backing file as the image names it, and its format when recorded (qemu-img
+        info's ``backing-filename`` and ``backing-filename-format``); None without one."""
+        return None
 
     def close(self) -> None:
         """Close this layer's files and its backing chain."""

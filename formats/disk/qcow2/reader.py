@@ -326,13 +326,10 @@ class Qcow2Disk(Disk):
             out["snapshots"] = [s.to_json() for s in self.snapshots]
         out["cluster-size"] = self.cluster_size
         out["dirty-flag"] = bool(self.header.incompatible_features & S.INCOMPAT_DIRTY)
-        if self.backing_name:
-            out["backing-filename"] = self.backing_name
-            if self.backing is not None:
-                out["full-backing-filename"] = self.backing.filename
-            if self.backing_format:
-                out["backing-filename-format"] = self.backing_format
         return out
+
+    def backing_reference(self) -> tuple[str, str | None] | None:
+        return (self.backing_name, self.backing_format) if self.backing_name else None
 
     def close(self) -> None:
         if self.data_source is not self.host:

@@ -382,12 +382,12 @@ class VhdDisk(Disk):
         out = super().info()
         if self.disk_type != S.DISK_FIXED:
             out["cluster-size"] = self.block_size
-        if self.disk_type == S.DISK_DIFFERENCING and self.parent_name:
-            out["backing-filename"] = self.parent_name
-            if self.backing is not None:
-                out["full-backing-filename"] = self.backing.filename
-            out["backing-filename-format"] = "vhd"
         return out
+
+    def backing_reference(self) -> tuple[str, str | None] | None:
+        if self.disk_type == S.DISK_DIFFERENCING and self.parent_name:
+            return self.parent_name, "vhd"
+        return None
 
     def check(self, repair: str | None = None) -> CheckReport:
         from .check import check_disk

@@ -650,12 +650,10 @@ class VhdxDisk(Disk):
     def info(self) -> dict[str, Any]:
         out = super().info()
         out["cluster-size"] = self.block_size
-        if self.parent_name is not None:
-            out["backing-filename"] = self.parent_name
-            if self.backing is not None:
-                out["full-backing-filename"] = self.backing.filename
-            out["backing-filename-format"] = "vhdx"
         return out
+
+    def backing_reference(self) -> tuple[str, str | None] | None:
+        return None if self.parent_name is None else (self.parent_name, "vhdx")
 
     def check(self, repair: str | None = None) -> CheckReport:
         from .check import check_image

@@ -698,13 +698,13 @@ class VmdkDisk(Disk):
         sparse = self.sparse_extents
         if sparse:
             out["cluster-size"] = sparse[0].grain_bytes
-        desc = self.descriptor
-        if desc is not None and desc.parent_hint is not None:
-            out["backing-filename"] = desc.parent_hint
-            if self.backing is not None:
-                out["full-backing-filename"] = self.backing.filename
-            out["backing-filename-format"] = "vmdk"
         return out
+
+    def backing_reference(self) -> tuple[str, str | None] | None:
+        desc = self.descriptor
+        if desc is None or desc.parent_hint is None:
+            return None
+        return desc.parent_hint, "vmdk"
 
     def actual_size(self) -> int | None:
         """Allocated bytes of the descriptor and every extent file (as qemu-img sums them)."""
